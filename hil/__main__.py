@@ -1,0 +1,26 @@
+"""`python -m hil`: the harness's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    print("make run: the site demo is not built yet (issue 6). Working today: `make test` "
+          "(firmware on CPython and MicroPython, broker and serial rigs) and `make firmware`.",
+          file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hil", description="EV column HIL harness")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run a whole virtual site on this machine (make run)")
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+# A virtual board's `machine` module for the firmware under CPython and the MicroPython
+# unix port. It lives with the HIL, never in the firmware bundle. Tests and the HIL set
+# inputs (ADC readings, input pins) and read outputs (PWM duty, relay pins, WDT feeds)
+# through the module-level `board` object. MicroPython-compatible code only.
+import time
+
+
+class _Board:
+    def __init__(self):
+        self.adc_u16 = {}       # pin id -> raw reading 0..65535
+        self.pin_levels = {}    # pin id -> 0/1 (inputs set by tests, outputs set by firmware)
+        self.pwm = {}           # pin id -> PWM object
+        self.uart_paths = {}    # uart id -> device path (a pty end) for the unix leg
+        self.wdt = None
+        self.resets = 0
+
+    def clear(self):
+        self.__init__()
+
+
+board = _Board()
+
+
+class Pin:
+    IN = 0
+    OUT = 1
+    OPEN_DRAIN = 2
+    PULL_UP = 1
+    PULL_DOWN = 2
+
+    def __init__(self, pin_id, mode=-1, pull=-1, value=None):
+        self.id = pin_id
+        self.mode = mode
+        if value is not None:
+            board.pin_levels[pin_id] = 1 if value else 0
+
+    def value(self, level=None):
+        if level is None:
+            return board.pin_levels.get(self.id, 0)
+        board.pin_levels[self.id] = 1 if level else 0
+        return None
+
+    def on(self):
+        self.value(1)
+
+    def off(self):
+        self.value(0)
+
+
+class PWM:
+    def __init__(self, pin, freq=1000, duty_u16=0):
+        self.pin = pin
+        self._freq = freq
+        self._duty = duty_u16
+        board.pwm[pin.id if isinstance(pin, Pin) else pin] = self
+
+    def freq(self, value=None):
+        if value is None:
+            return self._freq
+        self._freq = value
+        return None
+
+    def duty_u16(self, value=None):
+        if value is None:
+            return self._duty
+        self._duty = value
+        return None
+
+    def deinit(self):
+        self._duty = 0
+
+
+class ADC:
+    def __init__(self, pin):
+        self.id = pin.id if isinstance(pin, Pin) else pin
+
+    def read_u16(self):
+        return board.adc_u16.get(self.id, 0)
+
+
+class WDT:
+    def __init__(self, id=0, timeout=5000):
+        self.timeout = timeout
+        self.feeds = 0
+        self.last_feed_ms = time.ticks_ms() if hasattr(time, "ticks_ms") else 0
+        board.wdt = self
+
+    def feed(self):
+        self.feeds += 1
+        self.last_feed_ms = time.ticks_ms() if hasattr(time, "ticks_ms") else 0
+
+
+class UART:
+    """A UART backed by a pty path (board.uart_paths[id]) so real serial peers can talk."""
+
+    def __init__(self, uart_id, baudrate=9600, **kwargs):
+        self.id = uart_id
+        self.baudrate = baudrate
+        path = board.uart_paths.get(uart_id)
+        if path is None:
+            raise OSError("virtual board has no line for UART %s" % uart_id)
+        import os
+        self._fd = os.open(path, 2 | 0o4000)  # O_RDWR | O_NONBLOCK
+        self._os = os
+
+    def write(self, data):
+        return self._os.write(self._fd, data)
+
+    def read(self, n=-1):
+        try:
+            return self._os.read(self._fd, 256 if n is None or n < 0 else n) or None
+        except OSError:
+            return None
+
+    def any(self):
+        return 0
+
+    def deinit(self):
+        self._os.close(self._fd)
+
+
+def reset():
+    board.resets += 1
+    raise SystemExit("machine.reset")
+
+
+def unique_id():
+    return b"\x00\x11\x22\x33\x44\x55"

@@ -1,0 +1,1 @@
+"""Field tools for technicians: build and flash firmware, commission a bus, DNO console."""

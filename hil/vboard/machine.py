@@ -8,6 +8,9 @@ import time
 class _Board:
     def __init__(self):
         self.adc_u16 = {}       # pin id -> raw reading 0..65535
+        # pin id -> (pwm pin id, raw while the PWM is high, raw while it is low): an ADC
+        # that samples a PWM-driven line (the control pilot) sees both plateaus in turn.
+        self.adc_pwm = {}
         self.pin_levels = {}    # pin id -> 0/1 (inputs set by tests, outputs set by firmware)
         self.pwm = {}           # pin id -> PWM object
         self.uart_paths = {}    # uart id -> device path (a pty end) for the unix leg
@@ -74,8 +77,20 @@ class ADC:
     def __init__(self, pin):
         self.id = pin.id if isinstance(pin, Pin) else pin
 
+        self._phase = 0
+
     def read_u16(self):
-        return board.adc_u16.get(self.id, 0)
+        follow = board.adc_pwm.get(self.id)
+        if follow is None:
+            return board.adc_u16.get(self.id, 0)
+        pwm = board.pwm.get(follow[0])
+        duty = pwm.duty_u16() if pwm is not None else 65535
+        if duty >= 65535:
+            return follow[1]
+        if duty <= 0:
+            return 0  # constant -12 V
+        self._phase ^= 1
+        return follow[1] if self._phase else follow[2]
 
 
 class WDT:
@@ -91,32 +106,45 @@ class WDT:
 
 
 class UART:
-    """A UART backed by a pty path (board.uart_paths[id]) so real serial peers can talk."""
+    """A UART backed by a pty path (board.uart_paths[id]) so real serial peers can talk.
+    Reads never block (VMIN 0, VTIME 0), like a board's UART.read() returning None."""
 
     def __init__(self, uart_id, baudrate=9600, **kwargs):
+        import sys
+        import termios
+
         self.id = uart_id
         self.baudrate = baudrate
         path = board.uart_paths.get(uart_id)
         if path is None:
             raise OSError("virtual board has no line for UART %s" % uart_id)
-        import os
-        self._fd = os.open(path, 2 | 0o4000)  # O_RDWR | O_NONBLOCK
-        self._os = os
+        if sys.implementation.name == "micropython":
+            self._line = open(path, "r+b")
+        else:
+            self._line = open(path, "r+b", buffering=0)
+        attrs = termios.tcgetattr(self._line.fileno())
+        attrs[6][6] = 0   # VMIN
+        attrs[6][5] = 0   # VTIME
+        termios.tcsetattr(self._line.fileno(), termios.TCSANOW, attrs)
+
+    def fileno(self):
+        return self._line.fileno()
 
     def write(self, data):
-        return self._os.write(self._fd, data)
+        n = self._line.write(data)
+        if hasattr(self._line, "flush"):
+            self._line.flush()
+        return n
 
-    def read(self, n=-1):
-        try:
-            return self._os.read(self._fd, 256 if n is None or n < 0 else n) or None
-        except OSError:
-            return None
+    def readinto(self, buf):
+        return self._line.readinto(buf) or None
 
-    def any(self):
-        return 0
+    def read(self, n=256):
+        data = self._line.read(n)
+        return data or None
 
     def deinit(self):
-        self._os.close(self._fd)
+        self._line.close()
 
 
 def reset():

@@ -1,0 +1,196 @@
+# The column as a Modbus slave: answers FC03/FC04 reads from the register images and
+# validates FC06/FC16 writes against the register map before storing them. The app's
+# controller fills `inputs` every step and reacts to writes through `on_write`; this
+# module only moves words. Transport-neutral: RTU (`handle`) and TCP (modbus_tcp) share
+# `respond`, which writes the reply PDU at an offset in a caller's buffer. Nothing on the
+# request path allocates, so it runs under micropython.heap_lock().
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = lambda x: x
+
+from array import array
+
+from firmware import regmap
+from firmware.modbus import (
+    EX_DEVICE_FAILURE,
+    EX_ILLEGAL_ADDRESS,
+    EX_ILLEGAL_FUNCTION,
+    EX_ILLEGAL_VALUE,
+    RTU_MAX,
+    echo_pdu,
+    exception_pdu,
+    finish_rtu,
+    read_pdu,
+    u16,
+)
+
+_MAX_READ = const(125)
+_MAX_WRITE = const(123)
+_BROADCAST = const(0)
+
+
+class ModbusSlave:
+    """One column's register map on the bus.
+
+    on_write(start, count, now_ms) runs after holding[start:start+count] was stored and
+    returns 0, or an exception code (e.g. 04 device failure, 06 busy): then the old
+    values are put back and the master gets that exception. on_broadcast_limit(limit_da,
+    validity_s, now_ms) runs when a broadcast table write covers this column's address;
+    the pair is stored in holding registers 0 and 1 first. Without it, a broadcast is
+    handed to on_write as a write of those two registers. Callbacks are plain functions
+    or bound methods created once: calling them allocates nothing.
+    """
+
+    def __init__(self, unit_id, inputs, holding, on_write=None, on_broadcast_limit=None):
+        if len(holding) < regmap.HOLDING_COUNT:
+            raise ValueError("holding image too small")
+        self.unit_id = unit_id
+        self.inputs = inputs
+        self.holding = holding
+        self.on_write = on_write
+        self.on_broadcast_limit = on_broadcast_limit
+        n = regmap.HOLDING_COUNT
+        self._lo = array("H", [0] * n)
+        self._hi = array("H", [0] * n)
+        for entry in regmap.holding_map():
+            self._lo[entry[1]] = entry[4]
+            self._hi[entry[1]] = entry[5]
+        self._saved = array("H", [0] * n)  # values a rejected write puts back
+        self.out = bytearray(RTU_MAX)      # RTU replies; TCP connections bring their own
+        self.requests = 0          # frames addressed to this column
+        self.exceptions = 0        # exception replies sent
+        self.broadcasts = 0        # unit-0 frames seen
+        self.broadcast_rejected = 0  # broadcasts dropped: malformed, out of range, refused
+        self.ignored = 0           # frames for other units
+        self.callback_errors = 0   # on_write / on_broadcast_limit raised (answered 04)
+        self.bad_crc = 0           # copied from the RTU parser by serve_rtu
+
+    # -- transports ---------------------------------------------------------------------
+    def serve_rtu(self, parser, now_ms):
+        """Answer the parser's next request: the reply's length in `out` (0 = no reply),
+        or -1 when the parser holds no request."""
+        n = parser.next_request()
+        self.bad_crc = parser.bad_crc
+        if n == 0:
+            return -1
+        return self.handle(parser.unit, parser.fc, parser.pdu, now_ms)
+
+    def handle(self, unit, fc, pdu, now_ms):
+        """RTU: the whole reply frame's length in `out`, or 0 (broadcast, not for us)."""
+        n = self.respond(unit, fc, pdu, now_ms, self.out, 1)
+        if n == 0:
+            return 0
+        return finish_rtu(self.out, unit, n)
+
+    def respond(self, unit, fc, pdu, now_ms, out, off):
+        """Reply PDU written at out[off:]; returns its length, 0 for no reply. `pdu`
+        starts at the function code and was length-checked by the framing."""
+        if unit == _BROADCAST:
+            self.broadcasts += 1
+            if not self._broadcast(fc, pdu, now_ms):
+                self.broadcast_rejected += 1
+            return 0
+        if unit != self.unit_id:
+            self.ignored += 1
+            return 0
+        self.requests += 1
+        if fc == 3:
+            code = self._check_read(pdu, regmap.HOLDING_COUNT)
+            if code == 0:
+                return read_pdu(out, off, 3, self.holding, u16(pdu, 1), u16(pdu, 3))
+        elif fc == 4:
+            code = self._check_read(pdu, len(self.inputs))
+            if code == 0:
+                return read_pdu(out, off, 4, self.inputs, u16(pdu, 1), u16(pdu, 3))
+        elif fc == 6:
+            code = self._write(u16(pdu, 1), 1, pdu, 3, now_ms)
+            if code == 0:
+                return echo_pdu(out, off, 6, u16(pdu, 1), u16(pdu, 3))
+        elif fc == 16:
+            count = u16(pdu, 3)
+            if count < 1 or count > _MAX_WRITE or pdu[5] != 2 * count:
+                code = EX_ILLEGAL_VALUE
+            else:
+                code = self._write(u16(pdu, 1), count, pdu, 6, now_ms)
+            if code == 0:
+                return echo_pdu(out, off, 16, u16(pdu, 1), count)
+        else:
+            code = EX_ILLEGAL_FUNCTION
+        self.exceptions += 1
+        return exception_pdu(out, off, fc, code)
+
+    # -- reads and writes -----------------------------------------------------------------
+    def _check_read(self, pdu, size):
+        count = u16(pdu, 3)
+        if count < 1 or count > _MAX_READ:
+            return EX_ILLEGAL_VALUE
+        if u16(pdu, 1) + count > size:
+            return EX_ILLEGAL_ADDRESS
+        return 0
+
+    def _write(self, start, count, pdu, at, now_ms):
+        """Validate every value (pdu words from `at`), then store all or nothing."""
+        if start + count > regmap.HOLDING_COUNT:
+            return EX_ILLEGAL_ADDRESS
+        lo = self._lo
+        hi = self._hi
+        for i in range(count):
+            v = u16(pdu, at + 2 * i)
+            if v < lo[start + i] or v > hi[start + i]:
+                return EX_ILLEGAL_VALUE
+        holding = self.holding
+        saved = self._saved
+        for i in range(count):
+            saved[i] = holding[start + i]
+            holding[start + i] = u16(pdu, at + 2 * i)
+        code = self._call(self.on_write, start, count, now_ms)
+        if code:
+            for i in range(count):
+                holding[start + i] = saved[i]
+        return code
+
+    def _call(self, callback, a, b, now_ms):
+        if callback is None:
+            return 0
+        try:
+            code = callback(a, b, now_ms)
+        except Exception:  # an app bug must not take the bus task down
+            self.callback_errors += 1
+            return EX_DEVICE_FAILURE
+        return code or 0
+
+    def _broadcast(self, fc, pdu, now_ms):
+        """Apply this column's entry of a limit-table write. False = dropped."""
+        if fc != 16:
+            return False
+        start = u16(pdu, 1)
+        count = u16(pdu, 3)
+        last = start + count - 1
+        if (count < 1 or count > _MAX_WRITE or pdu[5] != 2 * count
+                or start < regmap.BROADCAST_TABLE
+                or last > regmap.BROADCAST_TABLE + regmap.BROADCAST_MAX_ADDRESS):
+            return False
+        reg = regmap.BROADCAST_TABLE + self.unit_id
+        if reg <= start or reg > last:
+            return True  # not covered: nothing for this column
+        limit = u16(pdu, 6 + 2 * (reg - start))
+        if limit == regmap.NO_CHANGE:
+            return True
+        if limit > regmap.MAX_LIMIT_DA:
+            return False
+        validity = u16(pdu, 6)
+        holding = self.holding
+        old_limit = holding[regmap.HR_ASSIGNED_LIMIT]
+        old_validity = holding[regmap.HR_ASSIGNED_VALIDITY]
+        holding[regmap.HR_ASSIGNED_LIMIT] = limit
+        holding[regmap.HR_ASSIGNED_VALIDITY] = validity
+        if self.on_broadcast_limit is not None:
+            code = self._call(self.on_broadcast_limit, limit, validity, now_ms)
+        else:
+            code = self._call(self.on_write, regmap.HR_ASSIGNED_LIMIT, 2, now_ms)
+        if code:
+            holding[regmap.HR_ASSIGNED_LIMIT] = old_limit
+            holding[regmap.HR_ASSIGNED_VALIDITY] = old_validity
+            return False
+        return True

@@ -1,0 +1,16 @@
+"""docs/firmware-contract.md is rendered from the firmware's own tables and kept current."""
+
+from __future__ import annotations
+
+from firmware import regmap
+from tools import contract_docs
+
+
+def test_contract_doc_is_up_to_date() -> None:
+    assert contract_docs.main(["--check"]) == 0, "run: python -m tools.contract_docs"
+
+
+def test_every_register_appears_in_the_rendered_doc() -> None:
+    text = contract_docs.render()
+    for name, address, *_ in (*regmap.input_map(), *regmap.holding_map(), *regmap.broadcast_map()):
+        assert f"| 0x{address:04X} |" in text and f"| {name} |" in text

@@ -1,0 +1,1 @@
+"""Site model, limits and allocation. Never imports an adapter or MQTT."""

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from firmware import regmap, status
+from firmware import frames, messages, regmap, status
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "docs" / "firmware-contract.md"
@@ -62,17 +62,24 @@ def _vocabulary() -> list[str]:
     return out
 
 
+def _fields(fields: Sequence[tuple[str, str, bool, object]]) -> str:
+    if not fields:
+        return "(empty)"
+    return "<br>".join(f"`{name}` {messages.describe(kind, arg)}{'' if required else ' (optional)'}"
+                       for name, kind, required, arg in fields)
+
+
 def _messages() -> list[str]:
-    try:
-        from firmware import messages
-    except ImportError:
-        return []
-    render = getattr(messages, "contract_rows", None)
-    if render is None:
-        return []
-    out = ["## CBOR message set", ""]
-    out += _table(("action", "direction", "payload", "field", "type", "required", "range / choices"),
-                  render())
+    out = ["## CBOR message link (firmware/messages.py)", "",
+           "Frames are OCPP-J shaped and CBOR-encoded: call `[2, id, action, payload]`, result",
+           "`[3, id, payload]`, error `[4, id, errorCode, description, details]`; ids are integers",
+           f"0..{messages.MAX_ID}. On serial and TCP alike each frame is `0xC5 | LEN (2, big-endian)",
+           "| CBOR payload | CRC-16/MODBUS over LEN+payload (2, low byte first)`, payload at most",
+           f"{frames.MAX_PAYLOAD} bytes.", ""]
+    rows = [(action, "column" if sender == messages.FROM_COLUMN else "gateway", _fields(request),
+             _fields(result)) for action, sender, request, result in messages.ACTIONS]
+    out += _table(("action", "sent by", "request payload", "result payload"), rows)
+    out += ["", "Error codes: " + ", ".join(f"`{c}`" for c in messages.ERROR_CODES) + "."]
     return out
 
 

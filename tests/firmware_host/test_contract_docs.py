@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from firmware import regmap
+from firmware import messages, regmap
 from tools import contract_docs
 
 
@@ -14,3 +14,11 @@ def test_every_register_appears_in_the_rendered_doc() -> None:
     text = contract_docs.render()
     for name, address, *_ in (*regmap.input_map(), *regmap.holding_map(), *regmap.broadcast_map()):
         assert f"| 0x{address:04X} |" in text and f"| {name} |" in text
+
+
+def test_every_message_and_field_appears_in_the_rendered_doc() -> None:
+    text = contract_docs.render()
+    for action, _sender, request, result in messages.ACTIONS:
+        assert f"| {action} |" in text
+        for name, *_ in (*request, *result):
+            assert f"`{name}`" in text

@@ -1,0 +1,162 @@
+# The control step: pilot + limits + session wired together. The app calls step()
+# every few ms with raw readings and applies the outputs (attributes) to the HAL.
+# step() uses integers only and allocates nothing (tests/firmware/test_controller_alloc.py
+# proves it under micropython.heap_lock()). Step period: the contactor must open within
+# 100 ms of the EV leaving C, and that takes up to one period + cp_debounce_ms rounded up
+# to whole periods (10 ms steps with the default 40 ms debounce: 50 ms). now_ms is a
+# ticks_ms-style int (differences taken modulo 2**30, see pilot.elapsed_ms); call step()
+# at least every few seconds so long timeouts latch before a difference could wrap.
+from firmware.limits import LimitArbiter
+from firmware.pilot import (
+    DUTY_NO_CURRENT,
+    DUTY_STATE_F,
+    PP_INVALID,
+    CpDetector,
+    cable_rating_da,
+    cp_state_for_mv,
+    diode_ok,
+    duty_for_current_da,
+    pp_state,
+)
+from firmware.session import DIODE_MISSING, DIODE_OK, DIODE_UNKNOWN, Session
+from firmware.status import CP_A, ERR_NONE, SRC_SAFETY
+
+# Every config key the control core reads, with its default (amps, seconds, percent).
+# firmware/config.py validates a column's config against these keys.
+DEFAULTS = {
+    "hardware_rating_a": 32,          # what the column's own parts carry
+    "installation_rating_a": 32,      # the supply circuit the column sits on
+    "failsafe_a": 6,                  # without a valid gateway limit (until it pre-assigns one)
+    "heartbeat_timeout_s": 60,        # gateway silent this long -> failsafe
+    "min_pause_s": 300,               # a pause that interrupted an offer lasts at least this long
+    "overdraw_tolerance_pct": 10,     # overdraw: above offered + pct % + offset ...
+    "overdraw_offset_a": 0.5,
+    "overdraw_grace_s": 7,            # ... for longer than this -> suspended until unplug
+    "meter_stale_s": 5,               # meter not ok this long -> pause (PowerMeterFailure)
+    "cp_debounce_ms": 40,             # CP state (and missing diode) must hold this long
+    "pwm_min_change_interval_s": 5,   # increases at most this often; decreases at once
+    "contactor_feedback_ms": 300,     # feedback disagreeing this long -> ContactorFailure
+    # Read by the energy store and the meter driver, not by the control step:
+    "energy_quantum_wh": 10,          # energy register written after this much ...
+    "energy_quantum_s": 60,           # ... or this long after a change
+    "meter": {"address": 1, "baud": 9600},   # Eastron default bus settings
+}
+
+
+class Controller:
+    def __init__(self, cfg=None, next_session_id=1):
+        c = dict(DEFAULTS)
+        if cfg:
+            for key in DEFAULTS:
+                if key in cfg:
+                    c[key] = cfg[key]
+        self.cfg = c
+        self.cp_detector = CpDetector(int(c["cp_debounce_ms"]))
+        self.limits = LimitArbiter(c)
+        self.session = Session(c, next_session_id)
+        self.events = self.session.events
+        self._fail_error = ERR_NONE
+        # Outputs (all set by step()).
+        self.duty = DUTY_NO_CURRENT
+        self.pwm_on = False
+        self.contactor_on = False
+        self.status = self.session.status
+        self.error = ERR_NONE
+        self.offered_da = 0            # what the pilot signals now (0 when PWM is off)
+        self.limit_da = 0              # what the limits allow (offered when a car is there)
+        self.limit_source = self.limits.source
+        self.paused = False
+        self.failsafe_active = True
+        self.cp_raw = CP_A
+        self.cp_state = CP_A
+        self.cable_da = 0
+        self.pp_invalid = False
+        self.i_max_da = 0
+        self.session_id = 0            # current or last session (0 = none yet)
+        self.session_energy_wh = 0     # energy of the current or last session
+        self.session_active = False
+
+    # --- commands from the gateway link / the app -------------------------------------
+    def assign_limit(self, limit_da, validity_s, now_ms):
+        """Returns the limit applied (capped, 0 = pause) or limits.REJECTED (-1);
+        validity_s == 0 clears the assignment (see LimitArbiter.assign)."""
+        return self.limits.assign(limit_da, validity_s, now_ms)
+
+    def clear_assignment(self):
+        self.limits.clear_assignment()
+
+    def set_failsafe(self, limit_da):
+        """Pre-assigned failsafe, capped by the ratings; returns it or limits.REJECTED."""
+        return self.limits.set_failsafe(limit_da)
+
+    def heartbeat(self, now_ms):
+        self.limits.heartbeat(now_ms)
+
+    def set_enabled(self, flag):
+        self.limits.set_enabled(flag)
+
+    def remote_stop(self):
+        self.session.remote_stop()
+
+    def record_power_loss(self, session_id, energy_wh):
+        self.session.record_power_loss(session_id, energy_wh)
+
+    def fail(self, error):
+        """Latch an internal/config error: Faulted, state F, contactor open until reboot."""
+        self._fail_error = error
+
+    # --- the step -----------------------------------------------------------------------
+    def step(self, now_ms, cp_high_mv, cp_low_mv, pp_ohms, i1_da, i2_da, i3_da, meter_ok,
+             energy_wh, rcd_tripped, contactor_fb):
+        """contactor_fb / pp_ohms may be None when the board has no feedback / PP input."""
+        raw = cp_state_for_mv(cp_high_mv, cp_low_mv)
+        cp = self.cp_detector.update(now_ms, raw)
+        self.cp_raw = raw
+        self.cp_state = cp
+        # The low level says something about the diode only while our PWM runs.
+        if not self.pwm_on:
+            diode = DIODE_UNKNOWN
+        elif diode_ok(cp_low_mv):
+            diode = DIODE_OK
+        else:
+            diode = DIODE_MISSING
+        cable = cable_rating_da(pp_ohms)
+        self.cable_da = cable
+        self.pp_invalid = pp_state(pp_ohms) == PP_INVALID
+        imax = i1_da
+        if i2_da > imax:
+            imax = i2_da
+        if i3_da > imax:
+            imax = i3_da
+        self.i_max_da = imax
+
+        lim = self.limits
+        lim.set_cable_da(cable)
+        if cp == CP_A:
+            lim.end_session()
+        lim.supervise(now_ms, imax, meter_ok, self.offered_da)
+        limit = lim.offered_da(now_ms)
+        sess = self.session
+        sess.step(now_ms, cp, diode, limit, lim.enabled, rcd_tripped, contactor_fb, energy_wh,
+                  lim.error, self._fail_error)
+
+        self.limit_da = limit
+        self.pwm_on = sess.pwm_on
+        if self._fail_error != ERR_NONE:
+            self.duty = DUTY_STATE_F
+            self.offered_da = 0
+        elif sess.pwm_on:
+            self.duty = duty_for_current_da(limit)
+            self.offered_da = limit
+        else:
+            self.duty = DUTY_NO_CURRENT
+            self.offered_da = 0
+        self.contactor_on = sess.contactor_on
+        self.status = sess.status
+        self.error = sess.error
+        self.limit_source = SRC_SAFETY if sess.fault != ERR_NONE else lim.source
+        self.paused = lim.paused
+        self.failsafe_active = lim.failsafe_active
+        self.session_id = sess.session_id
+        self.session_energy_wh = sess.energy_wh
+        self.session_active = sess.active

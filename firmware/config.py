@@ -1,0 +1,267 @@
+# The column's commissioning config: a JSON file written once at commissioning and checked
+# at every boot. The schema (keys, types, ranges) lives here; the default values live in
+# firmware/controller.py as DEFAULTS, next to the code that uses them, and are merged in.
+# A key is required unless DEFAULTS gives it a value; the identity and rating keys are
+# always required. Unknown keys are errors: a typo must not silently fall back to a default.
+# Nothing here raises: errors come back as "key: problem" strings, and a config with
+# errors boots the app into a safe, non-charging state that reports them.
+import json
+import os
+
+from firmware.controller import DEFAULTS
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = lambda x: x  # noqa: E731
+
+_INT = const(0)     # int in lo..hi
+_NUM = const(1)     # int or float in lo..hi
+_ID = const(2)      # str of lo..hi chars from A-Z a-z 0-9 _ -
+_HOST = const(3)    # str of lo..hi chars from A-Z a-z 0-9 . - : (name, IPv4, IPv6)
+_ONE_OF = const(4)  # value in the tuple lo
+_SECTION = const(5)  # object with the entries in lo
+# Whether a key must be present.
+_REQ = const(0)   # always: identity and ratings, never defaulted
+_OPT = const(1)   # default from DEFAULTS, else required
+_COND = const(2)  # default from DEFAULTS, else required only by another key (checked later)
+
+BAUDS = (2400, 4800, 9600, 19200, 38400, 57600, 115200)
+METER_TYPES = ("sdm630", "sdm120")
+LINK_MODES = ("modbus-rtu", "modbus-tcp", "cbor-serial", "cbor-tcp")
+_SERIAL_MODES = ("modbus-rtu", "cbor-serial")
+_TCP_MODES = ("modbus-tcp", "cbor-tcp")
+MAX_HARDWARE_A = 80  # IEC 61851 PWM cannot signal more
+
+# (key, type, lo, hi, presence)
+_METER = (
+    ("type", _ONE_OF, METER_TYPES, None, _REQ),
+    ("address", _INT, 1, 247, _OPT),
+    ("baud", _ONE_OF, BAUDS, None, _OPT),
+)
+_LINK = (
+    ("mode", _ONE_OF, LINK_MODES, None, _REQ),
+    ("baud", _ONE_OF, BAUDS, None, _COND),       # needed by the serial modes
+    ("tcp_port", _INT, 1, 65535, _COND),         # needed by the TCP modes
+    ("host", _HOST, 1, 253, _COND),              # needed by cbor-tcp (the gateway to call)
+)
+_TOP = (
+    ("column_id", _ID, 1, 32, _REQ),
+    ("bus_address", _INT, 1, 247, _REQ),
+    ("phases", _ONE_OF, (1, 3), None, _REQ),
+    ("hardware_rating_a", _NUM, 6, MAX_HARDWARE_A, _REQ),
+    ("installation_rating_a", _NUM, 6, MAX_HARDWARE_A, _REQ),  # and <= hardware_rating_a
+    ("failsafe_a", _NUM, 0, MAX_HARDWARE_A, _REQ),             # 0 or 6..installation_rating_a
+    ("meter", _SECTION, _METER, None, _REQ),
+    ("link", _SECTION, _LINK, None, _REQ),
+    ("heartbeat_timeout_s", _INT, 10, 3600, _OPT),
+    ("min_pause_s", _INT, 0, 3600, _OPT),
+    ("overdraw_tolerance_pct", _INT, 0, 50, _OPT),
+    ("overdraw_offset_a", _NUM, 0, 5, _OPT),
+    ("overdraw_grace_s", _INT, 1, 60, _OPT),
+    ("meter_stale_s", _INT, 2, 120, _OPT),
+    ("energy_quantum_wh", _INT, 1, 1000, _OPT),
+    ("energy_quantum_s", _INT, 10, 3600, _OPT),
+    ("cp_debounce_ms", _INT, 10, 1000, _OPT),
+    ("pwm_min_change_interval_s", _INT, 0, 60, _OPT),
+    ("contactor_feedback_ms", _INT, 50, 3000, _OPT),
+)
+_NO_DEFAULT = object()
+
+
+def schema_keys():
+    """Every config key as a dotted name ("meter.address"), in schema order."""
+    out = []
+    for key, kind, lo, _hi, _req in _TOP:
+        if kind == _SECTION:
+            for sub in lo:
+                out.append(key + "." + sub[0])
+        else:
+            out.append(key)
+    return out
+
+
+def _default(section, key):
+    """DEFAULTS value for key (in section, if given): nested dict or dotted name."""
+    if section is None:
+        return DEFAULTS.get(key, _NO_DEFAULT)
+    sub = DEFAULTS.get(section)
+    if isinstance(sub, dict) and key in sub:
+        return sub[key]
+    return DEFAULTS.get(section + "." + key, _NO_DEFAULT)
+
+
+def _show(v):
+    """A short rendering of a bad value for an error message."""
+    if type(v) is str:
+        if len(v) > 32:
+            return repr(v[:32]) + "..."
+        return repr(v)
+    if type(v) is bool:
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if type(v) is int or type(v) is float:
+        return repr(v)
+    if isinstance(v, dict):
+        return "an object"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    return "a " + type(v).__name__
+
+
+def _chars_ok(s, extra):
+    for c in s:
+        if not ("a" <= c <= "z" or "A" <= c <= "Z" or "0" <= c <= "9" or c in extra):
+            return False
+    return True
+
+
+def _check_value(name, v, kind, lo, hi, errors):
+    """Append the problem with one scalar value to errors; True if it is fine."""
+    n = len(errors)
+    if kind == _ONE_OF:
+        ok = False
+        for choice in lo:  # `in` would call 1 == True a match
+            if type(choice) is type(v) and choice == v:
+                ok = True
+        if not ok:
+            errors.append("%s: %s is not one of %s" % (name, _show(v), ", ".join([str(c) for c in lo])))
+    elif kind == _INT or kind == _NUM:
+        if type(v) is not int and not (kind == _NUM and type(v) is float):
+            errors.append("%s: expected %s, got %s" % (name, "an integer" if kind == _INT else "a number",
+                                                        _show(v)))
+        elif not (lo <= v <= hi):  # NaN fails this too
+            errors.append("%s: %s is out of range %s..%s" % (name, _show(v), lo, hi))
+    elif type(v) is not str:
+        errors.append("%s: expected a string, got %s" % (name, _show(v)))
+    elif not (lo <= len(v) <= hi):
+        errors.append("%s: length %d is out of range %d..%d" % (name, len(v), lo, hi))
+    elif kind == _ID and not _chars_ok(v, "_-"):
+        errors.append("%s: %s may only hold A-Z a-z 0-9 _ -" % (name, _show(v)))
+    elif kind == _HOST and not _chars_ok(v, ".-:"):
+        errors.append("%s: %s may only hold A-Z a-z 0-9 . - :" % (name, _show(v)))
+    return len(errors) == n
+
+
+def _check_section(prefix, section, data, entries, errors):
+    """Check one object against its entries; returns the cleaned dict (defaults merged,
+    bad values replaced by their default or left out)."""
+    out = {}
+    if not isinstance(data, dict):
+        # one error for the object; its keys are not reported missing one by one
+        errors.append("%s: expected an object, got %s" % (prefix[:-1] or "config", _show(data)))
+        data = {}
+        errors = []
+    for key, kind, lo, hi, presence in entries:
+        name = prefix + key
+        if key not in data:
+            if kind == _SECTION:
+                errors.append(name + ": missing")
+                out[key] = _check_section(name + ".", key, {}, lo, [])
+                continue
+            d = _NO_DEFAULT if presence == _REQ else _default(section, key)
+            if d is not _NO_DEFAULT:
+                out[key] = d
+            elif presence != _COND:
+                errors.append(name + ": missing")
+            continue
+        v = data[key]
+        if kind == _SECTION:
+            out[key] = _check_section(name + ".", key, v, lo, errors)
+        elif _check_value(name, v, kind, lo, hi, errors):
+            out[key] = v
+        elif presence != _REQ:
+            d = _default(section, key)
+            if d is not _NO_DEFAULT:
+                out[key] = d
+    known = [e[0] for e in entries]
+    unknown = []
+    for key in data:
+        if key not in known:
+            unknown.append(key if type(key) is str else repr(key))
+    unknown.sort()
+    for key in unknown:
+        errors.append("%s%s: unknown key" % (prefix, key))
+    return out
+
+
+def _cross_check(cfg, data, errors):
+    """Rules between keys, checked only when each key on its own is fine."""
+    hw = cfg.get("hardware_rating_a")
+    inst = cfg.get("installation_rating_a")
+    fs = cfg.get("failsafe_a")
+    if hw is not None and inst is not None and inst > hw:
+        errors.append("installation_rating_a: %s is above hardware_rating_a %s" % (_show(inst), _show(hw)))
+        inst = None
+    if fs is not None and 0 < fs < 6:
+        errors.append("failsafe_a: %s is out of range (0 or 6..installation_rating_a)" % _show(fs))
+    elif fs is not None and inst is not None and fs > inst:
+        errors.append("failsafe_a: %s is above installation_rating_a %s" % (_show(fs), _show(inst)))
+    elif fs is not None and hw is not None and fs > hw:
+        errors.append("failsafe_a: %s is above hardware_rating_a %s" % (_show(fs), _show(hw)))
+    link = cfg.get("link")
+    mode = link.get("mode") if link else None
+    raw = data.get("link") if isinstance(data, dict) else None
+    if not isinstance(raw, dict):
+        raw = {}
+    for key, needed in (("baud", mode in _SERIAL_MODES), ("tcp_port", mode in _TCP_MODES),
+                        ("host", mode == "cbor-tcp")):
+        if needed and key not in link and key not in raw:  # a bad value is reported already
+            errors.append("link.%s: missing (needed for %s)" % (key, mode))
+
+
+def check(data):
+    """(cfg, errors): cfg holds every value that passed its own check plus the defaults,
+    so an app with a broken config can still bring its link up to report the errors."""
+    errors = []
+    cfg = _check_section("", None, data, _TOP, errors)
+    _cross_check(cfg, data, errors)
+    return cfg, errors
+
+
+def validate(data):
+    """The list of problems with a config dict, [] when it is valid. Never raises."""
+    return check(data)[1]
+
+
+def load_config(path):
+    """(cfg, errors) from the JSON file at path. Never raises."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except Exception as exc:
+        return check({})[0], ["config: cannot read %s (%s)" % (path, exc)]
+    try:
+        data = json.loads(text)
+    except Exception as exc:  # ValueError; MicroPython gives no position
+        return check({})[0], ["config: invalid JSON in %s (%s)" % (path, exc)]
+    return check(data)
+
+
+def save_config(path, cfg):
+    """Validate cfg and write it atomically (temp file + rename): a power cut leaves the
+    old file or the new one, never a torn one. Returns errors ([] = written)."""
+    errors = validate(cfg)
+    if errors:
+        return errors
+    tmp = path + ".tmp"
+    try:
+        f = open(tmp, "w")
+        try:
+            f.write(json.dumps(cfg))
+            f.flush()
+            if hasattr(os, "fsync"):  # CPython
+                os.fsync(f.fileno())
+        finally:
+            f.close()
+        if not hasattr(os, "fsync") and hasattr(os, "sync"):  # MicroPython boards
+            os.sync()
+        os.rename(tmp, path)  # replaces path on unix, littlefs and MicroPython's FAT
+    except Exception as exc:
+        try:
+            os.remove(tmp)
+        except Exception:
+            pass
+        return ["config: cannot write %s (%s)" % (path, exc)]
+    return []

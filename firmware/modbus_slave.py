@@ -53,9 +53,9 @@ class ModbusSlave:
         n = regmap.HOLDING_COUNT
         self._lo = array("H", [0] * n)
         self._hi = array("H", [0] * n)
-        for entry in regmap.holding_map():
-            self._lo[entry[1]] = entry[4]
-            self._hi[entry[1]] = entry[5]
+        for addr in range(n):
+            self._lo[addr] = regmap.HOLDING_RANGES[addr][0]
+            self._hi[addr] = regmap.HOLDING_RANGES[addr][1]
         self._saved = array("H", [0] * n)  # values a rejected write puts back
         self.out = bytearray(RTU_MAX)      # RTU replies; TCP connections bring their own
         self.requests = 0          # frames addressed to this column

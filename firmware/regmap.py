@@ -3,9 +3,9 @@
 # value takes two words, high word first. Currents are in deci-amps (_da, 0.1 A),
 # voltages in deci-volts (_dv, 0.1 V). Append only: never move a register.
 #
-# The tables (input_map/holding_map/broadcast_map) are functions, not module globals,
-# so a board does not keep ~2 KB of tuples alive: the slave reads the holding ranges
-# once at start, the docs generator and the gateway call them when they need them.
+# The named, described tables (input_map/holding_map/broadcast_map) live in
+# regmap_tables.py, which a board never imports: their strings would cost it ~8 KB of
+# RAM. The gateway, the HIL and the docs generator import them from there.
 try:
     from micropython import const
 except ImportError:  # CPython
@@ -82,65 +82,17 @@ FLAG_NAMES = ("overdraw", "meter_failure", "rcd", "cp_short", "diode", "contacto
               "failsafe_active", "paused", "disabled")
 
 
-def input_map():
-    """Input registers: (name_with_unit, address, words, encoding, description).
-    Encodings: u16, u32 (high word first), enum (the firmware.status codes named), bits."""
-    return (
-        ("status_code", IR_STATUS, 1, "enum ST_*", "connector status"),
-        ("cp_state", IR_CP_STATE, 1, "enum CP_*", "pilot state A..F = 0..5"),
-        ("error_code", IR_ERROR, 1, "enum ERR_*", "error with the status"),
-        ("limit_source", IR_LIMIT_SOURCE, 1, "enum SRC_*", "what binds the offer"),
-        ("offered_current_da", IR_OFFERED_CURRENT, 1, "u16", "offered on the pilot"),
-        ("current_l1_da", IR_CURRENT_L1, 1, "u16", "measured"),
-        ("current_l2_da", IR_CURRENT_L2, 1, "u16", "measured"),
-        ("current_l3_da", IR_CURRENT_L3, 1, "u16", "measured"),
-        ("voltage_l1_dv", IR_VOLTAGE_L1, 1, "u16", "measured"),
-        ("voltage_l2_dv", IR_VOLTAGE_L2, 1, "u16", "measured"),
-        ("voltage_l3_dv", IR_VOLTAGE_L3, 1, "u16", "measured"),
-        ("power_w", IR_POWER, 2, "u32", "active power, total"),
-        ("energy_wh", IR_ENERGY, 2, "u32", "lifetime register"),
-        ("session_energy_wh", IR_SESSION_ENERGY, 2, "u32", "this session"),
-        ("session_id", IR_SESSION_ID, 1, "u16", "+1 per session"),
-        ("error_flags", IR_ERROR_FLAGS, 1, "bits FLAG_*", "active conditions"),
-        ("fw_version", IR_FW_VERSION, 1, "u16", "major << 8 | minor"),
-        ("fw_patch", IR_FW_PATCH, 1, "u16", "patch level"),
-        ("assigned_limit_remaining_s", IR_ASSIGNED_REMAINING, 1, "u16", "0 = no assignment"),
-        ("failsafe_limit_da", IR_FAILSAFE_LIMIT, 1, "u16", "failsafe in force"),
-        ("bad_frames", IR_BAD_FRAMES, 1, "u16", "Modbus frames dropped, wraps"),
-        ("boots", IR_BOOTS, 1, "u16", "wraps"),
-        ("overdraw_events", IR_OVERDRAW_EVENTS, 1, "u16", "wraps"),
-        ("bus_address", IR_BUS_ADDRESS, 1, "u16", "unit id"),
-        ("phases", IR_PHASES, 1, "u16", "1 or 3"),
-        ("hardware_rating_da", IR_HARDWARE_RATING, 1, "u16", "config"),
-        ("cable_rating_da", IR_CABLE_RATING, 1, "u16", "PP; 0 = no cable"),
-        ("uptime_s", IR_UPTIME, 2, "u32", "since boot"),
-    )
-
-
-def holding_map():
-    """Holding registers: (name_with_unit, address, words, encoding, min, max, description).
-    A write of any value outside min..max is refused whole with exception 03."""
-    return (
-        ("assigned_limit_da", HR_ASSIGNED_LIMIT, 1, "u16", 0, MAX_LIMIT_DA,
-         "write of reg 0 and/or 1 starts the validity now"),
-        ("assigned_validity_s", HR_ASSIGNED_VALIDITY, 1, "u16", 0, 0xFFFF, "0 clears"),
-        ("failsafe_limit_da", HR_FAILSAFE_LIMIT, 1, "u16", 0, MAX_LIMIT_DA,
-         "once expired or silent"),
-        ("heartbeat", HR_HEARTBEAT, 1, "u16", 0, 0xFFFF, "any write = alive"),
-        ("enable", HR_ENABLE, 1, "u16", 0, 1, "0 = Unavailable"),
-        ("reset", HR_RESET, 1, "u16", RESET_MAGIC, RESET_MAGIC, "0xA5A5 reboots"),
-        ("command_seq", HR_COMMAND_SEQ, 1, "u16", 0, 0xFFFF, "echoed"),
-    )
-
-
-def broadcast_map():
-    """Broadcast table (unit 0, FC16), rows as in holding_map; the limit row stands for
-    one register per bus address (0x0100 + a)."""
-    return (
-        ("validity_s", BROADCAST_TABLE, 1, "u16", 0, 0xFFFF, "first register written"),
-        ("limit_da", BROADCAST_TABLE + 1, BROADCAST_MAX_ADDRESS, "u16", 0, MAX_LIMIT_DA,
-         "0xFFFF = no change"),
-    )
+# Valid range of each holding register, indexed by address: the slave checks every
+# write against it. The documented tables (regmap_tables.py) read their ranges from here.
+HOLDING_RANGES = (
+    (0, MAX_LIMIT_DA),      # HR_ASSIGNED_LIMIT
+    (0, 0xFFFF),            # HR_ASSIGNED_VALIDITY
+    (0, MAX_LIMIT_DA),      # HR_FAILSAFE_LIMIT
+    (0, 0xFFFF),            # HR_HEARTBEAT
+    (0, 1),                 # HR_ENABLE
+    (RESET_MAGIC, RESET_MAGIC),  # HR_RESET
+    (0, 0xFFFF),            # HR_COMMAND_SEQ
+)
 
 
 def put_u32(image, addr, value):

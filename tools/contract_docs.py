@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from firmware import frames, messages, regmap, status
+from firmware import frames, messages, regmap, regmap_tables, status
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "docs" / "firmware-contract.md"
@@ -30,20 +30,23 @@ def _hex(addr: int) -> str:
     return f"0x{addr:04X}"
 
 
+def _ranged(rows: Iterable[tuple[str, int, int, str, int, int, str]]) -> list[str]:
+    return _table(("address", "words", "name", "encoding", "valid range", "meaning"),
+                  ((_hex(a), w, n, e, f"{lo}..{hi}", d) for n, a, w, e, lo, hi, d in rows))
+
+
 def _registers() -> list[str]:
     out = ["## Modbus register map (column = slave)", "",
            "Every register is an unsigned 16-bit word, big-endian; 32-bit values take two words,",
            "high word first. `_da` = 0.1 A, `_dv` = 0.1 V. Unit id = the column's bus address.", "",
            "### Input registers (function 04)", ""]
     out += _table(("address", "words", "name", "encoding", "meaning"),
-                  ((_hex(a), w, n, e, d) for n, a, w, e, d in regmap.input_map()))
+                  ((_hex(a), w, n, e, d) for n, a, w, e, d in regmap_tables.input_map()))
     out += ["", "### Holding registers (function 03 read, 06/16 write)", ""]
-    out += _table(("address", "words", "name", "encoding", "valid range", "meaning"),
-                  ((_hex(a), w, n, e, f"{lo}..{hi}", d) for n, a, w, e, lo, hi, d in regmap.holding_map()))
+    out += _ranged(regmap_tables.holding_map())
     out += ["", "A value outside its range is refused with exception 03 and nothing is stored.", "",
             "### Broadcast limit table (unit id 0, function 16, no reply)", ""]
-    out += _table(("address", "words", "name", "encoding", "valid range", "meaning"),
-                  ((_hex(a), w, n, e, f"{lo}..{hi}", d) for n, a, w, e, lo, hi, d in regmap.broadcast_map()))
+    out += _ranged(regmap_tables.broadcast_map())
     out += ["", "### Error flag bits (`error_flags`)", ""]
     out += _table(("bit", "name"), enumerate(regmap.FLAG_NAMES))
     return out

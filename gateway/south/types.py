@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from firmware import regmap, status
+from firmware import regmap, regmap_tables, status
 
 # Why a column is offline (or was, last time a request failed): the failure classes the
 # Modbus adapters count.
@@ -126,9 +126,9 @@ def validity_reg(validity_s: float) -> int | None:
 
 
 def decode_image(image: Sequence[int]) -> dict[str, int]:
-    """Every input register of ``regmap.input_map()`` by name (32-bit fields joined)."""
+    """Every input register of ``regmap_tables.input_map()`` by name (32-bit fields joined)."""
     out: dict[str, int] = {}
-    for name, addr, words, _enc, _desc in regmap.input_map():
+    for name, addr, words, _enc, _desc in regmap_tables.input_map():
         if addr + words > len(image):
             continue
         out[name] = regmap.get_u32(image, addr) if words == 2 else int(image[addr])

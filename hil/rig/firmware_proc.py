@@ -40,10 +40,14 @@ def firmware_command(interp: str, script: str | Path, args: list[str] | None = N
     raise ValueError(f"unknown interpreter {interp!r}; choose from {INTERPRETERS}")
 
 
-def firmware_env(extra_paths: list[Path] | None = None) -> dict[str, str]:
+def firmware_env(extra_paths: list[Path] | None = None, bundle: Path | None = None) -> dict[str, str]:
+    """Module paths for both legs. `bundle` (a `tools.firmware_build` output folder) puts
+    the compiled .mpy firmware ahead of the sources for MicroPython, as on a board, where
+    compiling source at import would cost heap the device does not have."""
     paths = [str(p) for p in (extra_paths or [])] + [str(REPO), str(VBOARD)]
     env = dict(os.environ)
-    env["MICROPYPATH"] = os.pathsep.join([*paths, ".frozen"])
+    mpy_paths = ([str(bundle)] if bundle is not None else []) + paths
+    env["MICROPYPATH"] = os.pathsep.join([*mpy_paths, ".frozen"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
@@ -60,10 +64,11 @@ def run_firmware(interp: str, script: str | Path, args: list[str] | None = None,
 
 def start_firmware(interp: str, script: str | Path, args: list[str] | None = None, *,
                    heap: str = DEFAULT_HEAP, cwd: Path | None = None,
-                   extra_paths: list[Path] | None = None) -> subprocess.Popen[bytes]:
+                   extra_paths: list[Path] | None = None,
+                   bundle: Path | None = None) -> subprocess.Popen[bytes]:
     """Start in the background; the caller stops it (see `stop_process`)."""
     return subprocess.Popen(firmware_command(interp, script, args, heap), cwd=cwd,
-                            env=firmware_env(extra_paths), stdin=subprocess.DEVNULL,
+                            env=firmware_env(extra_paths, bundle), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

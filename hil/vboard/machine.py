@@ -131,10 +131,10 @@ class UART:
         return self._line.fileno()
 
     def write(self, data):
-        n = self._line.write(data)
-        if hasattr(self._line, "flush"):
-            self._line.flush()
-        return n
+        return self._line.write(data)  # unbuffered: the bytes are on the pty now
+
+    def flush(self):
+        """A board waits here for the last stop bit; a pty has nothing in flight."""
 
     def readinto(self, buf):
         return self._line.readinto(buf) or None

@@ -1,6 +1,6 @@
 # The register map is the contract with the gateway: its tables must be complete,
 # non-overlapping and agree with the address constants (CPython and MicroPython).
-from firmware import regmap, status
+from firmware import regmap, regmap_tables, status
 
 
 def covered(table, count):
@@ -14,20 +14,20 @@ def covered(table, count):
 
 
 def test_input_map_covers_every_register_once():
-    assert covered(regmap.input_map(), regmap.INPUT_COUNT) == [1] * regmap.INPUT_COUNT
+    assert covered(regmap_tables.input_map(), regmap.INPUT_COUNT) == [1] * regmap.INPUT_COUNT
 
 
 def test_holding_map_covers_every_register_once():
-    assert covered(regmap.holding_map(), regmap.HOLDING_COUNT) == [1] * regmap.HOLDING_COUNT
+    assert covered(regmap_tables.holding_map(), regmap.HOLDING_COUNT) == [1] * regmap.HOLDING_COUNT
 
 
 def test_names_are_unique_and_rows_well_formed():
     names = []
-    for row in regmap.input_map():
+    for row in regmap_tables.input_map():
         assert len(row) == 5 and row[2] in (1, 2)
         assert (row[2] == 2) == (row[3] == "u32"), row[0]
         names.append(row[0])
-    for row in regmap.holding_map() + regmap.broadcast_map():
+    for row in regmap_tables.holding_map() + regmap_tables.broadcast_map():
         assert len(row) == 7
         assert 0 <= row[4] <= row[5] <= 0xFFFF, row[0]
     assert len(set(names)) == len(names)
@@ -36,7 +36,7 @@ def test_names_are_unique_and_rows_well_formed():
 def test_the_proposed_layout_is_kept():
     # The gateway and the docs rely on these addresses: moving one breaks the field.
     rows = {}
-    for row in regmap.input_map():
+    for row in regmap_tables.input_map():
         rows[row[0]] = row[1]
     assert rows["status_code"] == 0 and rows["offered_current_da"] == 4
     assert rows["power_w"] == 11 and rows["energy_wh"] == 13 and rows["session_energy_wh"] == 15
@@ -49,7 +49,7 @@ def test_the_proposed_layout_is_kept():
 
 def test_holding_ranges():
     ranges = {}
-    for row in regmap.holding_map():
+    for row in regmap_tables.holding_map():
         ranges[row[0]] = (row[4], row[5])
     assert ranges["assigned_limit_da"] == (0, 800)
     assert ranges["failsafe_limit_da"] == (0, 800)
@@ -69,7 +69,7 @@ def test_broadcast_table_fits_one_frame_per_122_addresses():
 def test_enum_encodings_name_the_status_vocabulary():
     prefixes = {"ST_": status.STATUS_NAMES, "CP_": status.CP_NAMES, "ERR_": status.ERROR_NAMES,
                 "SRC_": status.LIMIT_SOURCE_NAMES}
-    enums = [row for row in regmap.input_map() if row[3].startswith("enum ")]
+    enums = [row for row in regmap_tables.input_map() if row[3].startswith("enum ")]
     assert len(enums) == 4
     for row in enums:
         assert row[3][5:-1] in prefixes, row

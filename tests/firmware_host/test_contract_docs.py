@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from firmware import messages, regmap
+from firmware import messages, regmap_tables
 from tools import contract_docs
 
 
@@ -12,7 +12,8 @@ def test_contract_doc_is_up_to_date() -> None:
 
 def test_every_register_appears_in_the_rendered_doc() -> None:
     text = contract_docs.render()
-    for name, address, *_ in (*regmap.input_map(), *regmap.holding_map(), *regmap.broadcast_map()):
+    tables = (*regmap_tables.input_map(), *regmap_tables.holding_map(), *regmap_tables.broadcast_map())
+    for name, address, *_ in tables:
         assert f"| 0x{address:04X} |" in text and f"| {name} |" in text
 
 

@@ -1,0 +1,193 @@
+# The column controller app: wires the HAL, the control core, the meter, the energy
+# store and the gateway link into asyncio tasks. A board runs it from main.py; the HIL
+# and the tests run the same code under the unix port or CPython with a virtual board.
+#
+# Tasks: control (every CONTROL_PERIOD_MS: sense, step, actuate, publish the image),
+# meter (Modbus RTU master on the meter UART), link (Modbus RTU/TCP slave or CBOR link)
+# and watchdog (feeds the WDT only while every other task has checked in since the
+# last feed, so a hung task resets the board).
+import asyncio
+
+from firmware import clock
+from firmware.config import load_config
+from firmware.controller import Controller
+from firmware.energy_store import EnergyStore
+from firmware.flash import FileFlash
+from firmware.hal import Hal
+from firmware.status import ERR_CONFIG
+
+VERSION = (0, 1, 0)
+CONTROL_PERIOD_MS = 10
+WATCHDOG_PERIOD_MS = 1000
+_T_CONTROL = 1
+_T_METER = 2
+_T_LINK = 4
+
+
+class App:
+    def __init__(self, machine, config_path="column.json", store_prefix="energy", pins=None,
+                 use_wdt=True, log=None):
+        self.clock = clock
+        self.version = VERSION
+        self.log = log or print
+        self.cfg, self.config_errors = load_config(config_path)
+        for err in self.config_errors:
+            self.log("config error: " + err)
+        self.hal = Hal(machine, pins, use_wdt=use_wdt)
+        cfg = self.cfg
+        self.store = EnergyStore(FileFlash(store_prefix + "_a.bin", store_prefix + "_b.bin"),
+                                 quantum_wh=int(cfg["energy_quantum_wh"]),
+                                 quantum_ms=int(cfg["energy_quantum_s"]) * 1000)
+        self.store.load()
+        self.ctl = Controller(None if self.config_errors else cfg, self.store.session_id + 1)
+        if self.config_errors:
+            self.ctl.fail(ERR_CONFIG)  # safe, non-charging; the link reports why
+        elif self.store.session_active:
+            # Power was lost mid-session: close it with the energy we had on flash.
+            self.ctl.record_power_loss(self.store.session_id, self.store.energy_wh)
+            self.store.stop_session(clock.ticks_ms())
+        self.energy_wh = self.store.energy_wh
+        self._meter_prev_wh = -1
+        self.meter = None
+        self.link = None
+        self._alive = 0
+        self._reset_requested = False
+        self._boot_ms = clock.ticks_ms()
+        self._machine = machine
+
+    # -- energy register: advances by the meter's positive deltas, persisted by the store
+    def _account_energy(self, now_ms):
+        meter = self.meter
+        if meter is None or meter.last_ok_ms is None:
+            return
+        reading = meter.energy_wh
+        if self._meter_prev_wh >= 0 and reading > self._meter_prev_wh:
+            self.energy_wh += reading - self._meter_prev_wh
+            self.store.update(self.energy_wh, now_ms)
+        self._meter_prev_wh = reading
+
+    def _drain_events(self, now_ms):
+        from firmware.session import EV_SESSION_START, EV_SESSION_STOP
+
+        ev = self.ctl.events
+        while len(ev):
+            kind, session_id, energy_wh, reason = ev.pop()
+            if kind == EV_SESSION_START:
+                self.store.start_session(now_ms)
+            elif kind == EV_SESSION_STOP:
+                self.store.stop_session(now_ms)
+            if self.link is not None and hasattr(self.link, "on_event"):
+                self.link.on_event(kind, session_id, energy_wh, reason, now_ms)
+
+    def request_reset(self):
+        self._reset_requested = True
+
+    def uptime_s(self, now_ms):
+        return clock.ticks_diff(now_ms, self._boot_ms) // 1000
+
+    # -- tasks ---------------------------------------------------------------------------
+    async def control_task(self):
+        hal = self.hal
+        ctl = self.ctl
+        while True:
+            now = clock.ticks_ms()
+            hal.read_cp()
+            meter = self.meter
+            if meter is not None:
+                ok = not meter.is_stale(now)
+                cur = meter.current_da
+                i1 = cur[0]
+                i2 = cur[1]
+                i3 = cur[2]
+            else:
+                ok = False
+                i1 = i2 = i3 = 0
+            ctl.step(now, hal.cp_high_mv, hal.cp_low_mv, hal.read_pp_ohms(), i1, i2, i3, ok,
+                     self.energy_wh, hal.rcd_tripped(), hal.contactor_closed())
+            hal.set_duty(ctl.duty)
+            hal.set_contactor(ctl.contactor_on)
+            self._account_energy(now)
+            self._drain_events(now)
+            if self.link is not None:
+                self.link.refresh(now)
+            self._alive |= _T_CONTROL
+            if self._reset_requested:
+                await asyncio.sleep(0.05)  # let the link finish the reply
+                self.shutdown(now)
+                hal.reset()
+            await asyncio.sleep(CONTROL_PERIOD_MS / 1000)
+
+    async def meter_task(self, uart, de_pin):
+        from firmware.meter import Meter
+
+        def write(data):
+            if de_pin is not None:
+                de_pin.value(1)
+            uart.write(data)
+            if hasattr(uart, "flush"):
+                uart.flush()
+            if de_pin is not None:
+                de_pin.value(0)
+
+        cfg = self.cfg["meter"]
+        self.meter = meter = Meter(cfg["type"], cfg["address"], write,
+                                   stale_ms=int(self.cfg["meter_stale_s"]) * 1000)
+        rx = bytearray(64)
+        while True:
+            now = clock.ticks_ms()
+            meter.poll(now)
+            n = uart.readinto(rx)
+            if n:
+                meter.on_bytes(rx, now, n)
+            self._alive |= _T_METER
+            await asyncio.sleep(0.002)
+
+    async def watchdog_task(self, expected):
+        while True:
+            if self._alive & expected == expected:
+                self.hal.feed_watchdog()
+                self._alive = 0
+            await asyncio.sleep(WATCHDOG_PERIOD_MS / 1000)
+
+    def link_alive(self):
+        self._alive |= _T_LINK
+
+    def shutdown(self, now_ms):
+        self.store.flush(now_ms)
+
+    # -- wiring --------------------------------------------------------------------------
+    async def run(self):
+        """Start every task; the HAL opens the UARTs named by the board's pin map."""
+        cfg = self.cfg
+        hal = self.hal
+        tasks = [asyncio.create_task(self.control_task())]
+        expected = _T_CONTROL
+        if not self.config_errors:
+            uart, de = hal.uart("meter", cfg["meter"]["baud"])
+            tasks.append(asyncio.create_task(self.meter_task(uart, de)))
+            expected |= _T_METER
+        link = cfg["link"]
+        mode = link["mode"]
+        if mode in ("modbus-rtu", "modbus-tcp"):
+            from firmware.gw_modbus import ModbusLink
+
+            self.link = ModbusLink(self, cfg["bus_address"])
+            if mode == "modbus-rtu":
+                uart, de = hal.uart("link", link["baud"])
+                tasks.append(asyncio.create_task(self.link.serve_rtu(uart, de, clock, asyncio,
+                                                                     self.link_alive)))
+                expected |= _T_LINK
+            else:
+                await self.link.serve_tcp(link["tcp_port"], clock, asyncio,
+                                          link.get("host", "0.0.0.0"))
+        else:
+            self.log("link mode %s is not served yet" % mode)
+        tasks.append(asyncio.create_task(self.watchdog_task(expected)))
+        await asyncio.gather(*tasks)
+
+
+def main(config_path="column.json"):
+    import machine
+
+    app = App(machine, config_path)
+    asyncio.run(app.run())

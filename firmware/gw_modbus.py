@@ -1,0 +1,145 @@
+# The gateway link over Modbus: the column's register image served as an RTU slave on
+# the RS-485 bus or over Modbus TCP, and holding-register writes turned into controller
+# commands. Only loaded when the config's link mode is modbus-rtu or modbus-tcp.
+from array import array
+
+from firmware import image, regmap
+from firmware.modbus import RTU_MAX, RtuRequestParser
+from firmware.modbus_slave import ModbusSlave
+
+_EX_DEVICE_FAILURE = 4
+_EX_ILLEGAL_VALUE = 3
+
+
+class ModbusLink:
+    """Owns the register images; the app refreshes `inputs` every control step."""
+
+    def __init__(self, app, unit_id):
+        self.app = app
+        self.inputs = array("H", [0] * regmap.INPUT_COUNT)
+        self.holding = array("H", [0] * regmap.HOLDING_COUNT)
+        self.holding[regmap.HR_ENABLE] = 1
+        self.holding[regmap.HR_FAILSAFE_LIMIT] = app.ctl.limits.failsafe_da
+        self.slave = ModbusSlave(unit_id, self.inputs, self.holding, self._on_write,
+                                 self._on_broadcast)
+        self.parser = RtuRequestParser()
+        self.tcp_clients = 0
+        inp = self.inputs
+        cfg = app.cfg
+        inp[regmap.IR_FW_VERSION] = (app.version[0] << 8) | app.version[1]
+        inp[regmap.IR_FW_PATCH] = app.version[2]
+        inp[regmap.IR_BUS_ADDRESS] = unit_id
+        # A broken config may lack these; the image then shows 0 next to the config flag.
+        inp[regmap.IR_PHASES] = cfg.get("phases", 0)
+        inp[regmap.IR_HARDWARE_RATING] = int(cfg.get("hardware_rating_a", 0) * 10)
+
+    def refresh(self, now_ms):
+        """Copy the column's state into the input image (every control step, no allocation)."""
+        app = self.app
+        ctl = app.ctl
+        image.fill_inputs(self.inputs, ctl, app.meter, app.energy_wh, app.store.boots,
+                          self.parser.errors(), app.uptime_s(now_ms),
+                          ctl.limits.assignment_remaining_s(now_ms))
+
+    def bad_frames(self):
+        return self.parser.errors()
+
+    # -- writes from the gateway ---------------------------------------------------------
+    def _on_write(self, start, count, now_ms):
+        app = self.app
+        if app.config_errors:
+            return _EX_DEVICE_FAILURE  # a column with a broken config takes no commands
+        end = start + count
+        hold = self.holding
+        ctl = app.ctl
+        ctl.heartbeat(now_ms)  # any accepted write proves the gateway is alive
+        if start <= regmap.HR_FAILSAFE_LIMIT < end:
+            if ctl.set_failsafe(hold[regmap.HR_FAILSAFE_LIMIT]) < 0:
+                return _EX_ILLEGAL_VALUE
+        if start <= regmap.HR_ASSIGNED_VALIDITY and end > regmap.HR_ASSIGNED_LIMIT:
+            if ctl.assign_limit(hold[regmap.HR_ASSIGNED_LIMIT], hold[regmap.HR_ASSIGNED_VALIDITY],
+                                now_ms) < 0:
+                return _EX_ILLEGAL_VALUE
+        if start <= regmap.HR_ENABLE < end:
+            ctl.set_enabled(hold[regmap.HR_ENABLE] == 1)
+        if start <= regmap.HR_RESET < end:
+            app.request_reset()
+        return 0
+
+    def _on_broadcast(self, limit_da, validity_s, now_ms):
+        if self.app.config_errors:
+            return
+        self.app.ctl.heartbeat(now_ms)
+        self.app.ctl.assign_limit(limit_da, validity_s, now_ms)
+
+    # -- transports ----------------------------------------------------------------------
+    async def serve_rtu(self, uart, de_pin, clock, asyncio, alive, gap_ms=2):
+        """Poll the UART, answer requests for our unit; a silence marks a frame gap."""
+        rx = bytearray(RTU_MAX)
+        parser = self.parser
+        pending = False
+        last_rx = clock.ticks_ms()
+        while True:
+            alive()
+            n = uart.readinto(rx)
+            now = clock.ticks_ms()
+            if n:
+                pending = True
+                last_rx = now
+                taken = 0
+                while taken < n:
+                    taken += parser.feed(rx, taken, n)
+                    self._answer(uart, de_pin, now)
+            elif pending and clock.ticks_diff(now, last_rx) >= gap_ms:
+                pending = False
+                parser.gap()
+                self._answer(uart, de_pin, now)
+            await asyncio.sleep(0.001 if pending else 0.002)
+
+    def _answer(self, uart, de_pin, now):
+        slave = self.slave
+        while True:
+            r = slave.serve_rtu(self.parser, now)
+            if r < 0:
+                return
+            if r > 0:
+                if de_pin is not None:
+                    de_pin.value(1)
+                uart.write(memoryview(slave.out)[0:r])
+                if hasattr(uart, "flush"):
+                    uart.flush()  # on a board: wait for the last stop bit before releasing DE
+                if de_pin is not None:
+                    de_pin.value(0)
+
+    async def serve_tcp(self, port, clock, asyncio, host="0.0.0.0"):
+        server = await asyncio.start_server(self._tcp_client, host, port)
+        self.app.log("modbus-tcp listening on port %d" % port)
+        return server
+
+    async def _tcp_client(self, reader, writer):
+        from firmware.modbus_tcp import CLOSE, NEED_MORE, ModbusTcpConnection
+
+        clock = self.app.clock
+        conn = ModbusTcpConnection(self.slave)
+        self.tcp_clients += 1
+        try:
+            while True:
+                data = await reader.read(260)
+                if not data:
+                    break
+                conn.feed(data)
+                while True:
+                    r = conn.next_reply(clock.ticks_ms())
+                    if r == NEED_MORE:
+                        break
+                    if r == CLOSE:
+                        return
+                    if r > 0:
+                        writer.write(bytes(conn.out[0:r]))
+                        await writer.drain()
+        except OSError:
+            pass
+        finally:
+            self.tcp_clients -= 1
+            writer.close()
+

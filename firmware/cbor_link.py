@@ -6,6 +6,7 @@
 # `counters` and answered with an error frame when the call's id can be read, else dropped.
 from firmware import cbor, messages
 from firmware.cbor import CBORError
+from firmware.clock import elapsed_ms as _elapsed
 from firmware.frames import MAX_PAYLOAD, FrameReader, encode_frame
 from firmware.messages import CALL, MAX_ID, RESULT, MessageError
 
@@ -31,9 +32,6 @@ COUNTERS = (
 )
 
 
-def _elapsed(now_ms, then_ms):
-    """Milliseconds from then to now; the only place link times are compared."""
-    return now_ms - then_ms
 
 
 class Link:

@@ -14,6 +14,7 @@
 # be lost. The register never goes backwards: a lower reading is rejected and counted.
 import struct
 
+from firmware.clock import elapsed_ms
 from firmware.crc import crc16
 
 try:
@@ -167,7 +168,7 @@ class EnergyStore:
 
     def _elapsed(self, now_ms, then_ms):
         """now - then; a clock that wrapped or went back counts as a full quantum."""
-        d = now_ms - then_ms
+        d = elapsed_ms(now_ms, then_ms)
         if d < 0:
             return self.quantum_ms
         return d

@@ -34,13 +34,9 @@ _SLACK_WH = const(20)
 
 # Tick arithmetic on 30 bits: works for any ticks_ms whose period is a multiple of 2^30
 # (boards: 2^30, unix port: 2^62, CPython monotonic: no wrap) for differences < 2^29 ms.
-_MASK = const(0x3FFFFFFF)
-_HALF = const(0x20000000)
 
 
-def ticks_diff(a, b):
-    """a - b in ms, correct across a ticks_ms wrap-around."""
-    return ((a - b + _HALF) & _MASK) - _HALF
+from firmware.clock import elapsed_ms as ticks_diff  # noqa: E402
 
 
 def build_read(buf, address, start, count, fc=_FC):

@@ -18,17 +18,7 @@ MAX_CURRENT_DA = const(800)     # 80 A: the highest current a PWM can offer
 # virtual clock are multiples of it), so wrap-around is harmless and every
 # intermediate value stays a small int (no heap allocation on a board). A difference
 # is only meaningful below 2**29 ms (6.2 days): callers latch long timeouts as flags.
-_TICKS_MASK = const(0x3FFFFFFF)
-_TICKS_HALF = const(0x20000000)
-
-
-def elapsed_ms(now_ms, then_ms):
-    """Signed ms from then_ms to now_ms, correct across a ticks wrap."""
-    d = (now_ms - then_ms) & _TICKS_MASK
-    if d >= _TICKS_HALF:
-        d = d - _TICKS_MASK - 1  # two steps: 2**30 itself is not a small int on a board
-    return d
-
+from firmware.clock import elapsed_ms  # noqa: E402, F401  (limits and session import it from here)
 
 # --- current <-> duty -------------------------------------------------------------
 # 10 % <= D <= 85 %: I = 0.6 D    -> da = 6 * duty / 100

@@ -1,0 +1,1 @@
+"""Northbound: the DNO control room over MQTT, with an on-disk outbox."""

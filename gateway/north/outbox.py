@@ -1,0 +1,393 @@
+"""The on-disk outbox: every telemetry, status, event and ack message waits here until
+the broker has acknowledged it.
+
+Guarantees
+- A message is stamped with the next sequence number and written in one SQLite
+  transaction before anyone can publish it. Sequence numbers (`seq`, from 1) live in
+  the same file and are committed with the message, so they are never reused, even
+  after a crash: a seq is only ever seen by a consumer if its message was committed.
+- A row is deleted only when the publisher reports the broker's PUBACK (QoS 1). A crash
+  between PUBACK and the delete sends the message again after restart: delivery is at
+  least once, and consumers drop duplicates by `seq`.
+- Rows are handed out in insertion order (`row_id`, which is never reused either), so
+  after a broker outage or a restart the backlog goes out oldest first.
+- Durability (the SQLite WAL journal in both modes):
+  "full" (synchronous=FULL, default): once enqueue() returns the message survives a
+  process crash and a power cut. "normal" (synchronous=NORMAL): it survives a process
+  crash (SIGKILL); a power cut or OS crash may lose the transactions of the last moments.
+- One process at a time: the file is opened in exclusive locking mode; a second opener
+  gets OutboxError (two gateways on one file would interleave sequence numbers).
+
+Drop policy (the queue is bounded by max_rows and max_bytes)
+When a new message would take the queue over either bound, whole rows are dropped
+until it fits: the oldest telemetry first, then the oldest status, and only when
+neither is left the oldest events and acks. A queued row is never dropped for a new
+message of a lower class (telemetry < status < event = ack): then the new message is
+dropped instead (it still consumed its seq, which the drop report covers). Every
+drop is counted per kind (totals kept in the file across restarts) and remembered as
+"unreported" with the seq range dropped. The service publishes that as an `outbox_dropped` gateway event with
+enqueue_drop_report(), which resets the unreported counts in the same transaction: a
+drop is never silent, and consumers can tell a gap in `seq` that was dropped from one
+that was lost. A dropped row may already be in flight, and then may still arrive.
+Rows that can never be delivered (the broker refuses them with an MQTT 5 failure code,
+or the topic is not valid) are removed with drop() and reported the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.north import payloads
+from gateway.north.payloads import encode, utc_ms
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+DURABILITY = {"full": "FULL", "normal": "NORMAL"}
+
+
+class MessageKind(StrEnum):
+    TELEMETRY = "telemetry"
+    STATUS = "status"
+    EVENT = "event"
+    ACK = "ack"
+
+
+# Lower drops first (see the module docstring).
+DROP_PRIORITY = {MessageKind.TELEMETRY: 0, MessageKind.STATUS: 1, MessageKind.EVENT: 2,
+                 MessageKind.ACK: 2}
+
+
+class OutboxError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to queue; the outbox adds "seq" to the payload."""
+
+    topic: str
+    payload: Mapping[str, Any]
+    kind: MessageKind
+    qos: int = 1
+    retain: bool = False
+    correlation: bytes | None = None  # MQTT 5 correlation data, for acks to a response topic
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    row_id: int
+    seq: int
+    kind: MessageKind
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    correlation: bytes | None
+    enqueued_ms: int
+
+
+@dataclass(frozen=True)
+class DropReport:
+    """Drops since the last report: counts per kind and the seq range they came from."""
+
+    counts: dict[str, int]
+    first_seq: int
+    last_seq: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    rows: int
+    bytes: int
+    next_seq: int
+    dropped: dict[str, int]      # totals since the file was created
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused, order kept
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    prio INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    correlation BLOB,
+    enqueued_ms INTEGER NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_drop_order ON outbox (prio, id);
+"""
+_COLUMNS = "id, seq, kind, topic, payload, qos, retain, correlation, enqueued_ms"
+
+
+class Outbox:
+    """SQLite-backed FIFO of outgoing messages. Not thread-safe: one owner (the asyncio loop)."""
+
+    def __init__(self, path: Path | str, *, max_rows: int = 100_000, max_bytes: int = 64 << 20,
+                 durability: str = "full", clock_ms: Callable[[], int] = utc_ms) -> None:
+        if max_rows < 1 or max_bytes < 1024:
+            raise ValueError("max_rows must be >= 1 and max_bytes >= 1024")
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {sorted(DURABILITY)}")
+        self.path = Path(path)
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.durability = durability
+        self._clock_ms = clock_ms
+        self.on_enqueue: Callable[[], None] | None = None  # the publisher's wake-up
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"{self.path}: cannot open: {exc}") from None
+        try:
+            self._setup()
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            if "locked" in str(exc):
+                raise OutboxError(f"{self.path}: in use by another process") from None
+            raise OutboxError(f"{self.path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise OutboxError(f"{self.path}: not a usable outbox database: {exc}") from None
+
+    def _setup(self) -> None:
+        db = self._db
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise OutboxError(f"{self.path}: cannot use the WAL journal")
+        db.execute(f"PRAGMA synchronous={DURABILITY[self.durability]}")
+        db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxError(f"{self.path}: schema {version} is newer than this gateway's")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._load()
+
+    def _load(self) -> None:
+        rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        self._rows, self._bytes = int(rows), int(size)
+        self._meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+
+    # -- meta counters (kept in the file, written inside the caller's transaction) -------
+    def _get(self, name: str, default: int = 0) -> int:
+        return int(self._meta.get(name, default))
+
+    def _set(self, name: str, value: int) -> None:
+        self._meta[name] = value
+        self._db.execute("INSERT INTO meta (name, value) VALUES (?, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value))
+
+    def _transaction(self, work: Callable[[], T]) -> T:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._load()  # the caches may hold uncommitted values
+            raise
+        return result
+
+    # -- producing ------------------------------------------------------------------------
+    def enqueue(self, topic: str, payload: Mapping[str, Any], *, kind: MessageKind, qos: int = 1,
+                retain: bool = False, correlation: bytes | None = None) -> int:
+        """Queue one message; returns its seq. On disk when this returns (see durability)."""
+        return self.enqueue_many([Outgoing(topic, payload, kind, qos, retain, correlation)])[0]
+
+    def enqueue_many(self, messages: Sequence[Outgoing]) -> list[int]:
+        """Queue several messages in one transaction (one fsync); returns their seqs."""
+        for msg in messages:
+            if msg.qos not in (0, 1):
+                raise ValueError("qos must be 0 or 1")
+            if "seq" in msg.payload:
+                raise ValueError("the outbox stamps seq; do not set it")
+        seqs = self._transaction(lambda: [self._insert(m) for m in messages])
+        if self.on_enqueue is not None and seqs:
+            self.on_enqueue()
+        return seqs
+
+    def _next_seq(self) -> int:
+        seq = self._get("next_seq", 1)
+        self._set("next_seq", seq + 1)
+        return seq
+
+    def _encode(self, msg: Outgoing, seq: int) -> tuple[bytes, int]:
+        body = encode({**msg.payload, "seq": seq})
+        size = len(body) + len(msg.topic.encode()) + len(msg.correlation or b"")
+        if size > self.max_bytes:
+            raise ValueError(f"message of {size} bytes is larger than the outbox ({self.max_bytes})")
+        return body, size
+
+    def _insert(self, msg: Outgoing) -> int:
+        seq = self._next_seq()
+        body, size = self._encode(msg, seq)
+        if not self._make_room(size, DROP_PRIORITY[msg.kind]):
+            self._count_drop(str(msg.kind), seq)  # everything queued matters more than this one
+            return seq
+        self._write(msg, seq, body, size)
+        return seq
+
+    def _write(self, msg: Outgoing, seq: int, body: bytes, size: int) -> None:
+        self._db.execute(
+            "INSERT INTO outbox (seq, kind, prio, topic, payload, qos, retain, correlation, "
+            "enqueued_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, str(msg.kind), DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos, int(msg.retain),
+             msg.correlation, self._clock_ms(), size))
+        self._rows += 1
+        self._bytes += size
+
+    def _make_room(self, size: int, prio: int) -> bool:
+        """Drop queued rows until `size` more bytes and one more row fit; False when the
+        next victim would matter more than the new message (then the new one is dropped)."""
+        while self._rows + 1 > self.max_rows or self._bytes + size > self.max_bytes:
+            row_id, seq, kind, row_prio, row_size = self._db.execute(
+                "SELECT id, seq, kind, prio, size FROM outbox ORDER BY prio, id LIMIT 1").fetchone()
+            if row_prio > prio:
+                return False
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+            self._rows -= 1
+            self._bytes -= row_size
+            self._count_drop(kind, seq)
+        return True
+
+    def _count_drop(self, kind: str, seq: int) -> None:
+        self._set(f"dropped.{kind}", self._get(f"dropped.{kind}") + 1)
+        self._set(f"unreported.{kind}", self._get(f"unreported.{kind}") + 1)
+        if not self._get("unreported.first_seq"):
+            self._set("unreported.first_seq", seq)
+        self._set("unreported.last_seq", max(seq, self._get("unreported.last_seq")))
+        log.warning("outbox: dropped %s seq %d", kind, seq)
+
+    # -- consuming ------------------------------------------------------------------------
+    def peek(self, after_row_id: int = 0, limit: int = 100) -> list[OutboxRow]:
+        """The oldest rows with row_id > after_row_id, in order (nothing is removed)."""
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                                (after_row_id, limit)).fetchall()
+        return [OutboxRow(r[0], r[1], MessageKind(r[2]), r[3], bytes(r[4]), r[5], bool(r[6]),
+                          None if r[7] is None else bytes(r[7]), r[8]) for r in rows]
+
+    def ack(self, row_ids: Iterable[int]) -> int:
+        """Delete rows the broker acknowledged (one transaction); returns how many existed."""
+        ids = list(row_ids)
+        if not ids:
+            return 0
+
+        def work() -> int:
+            deleted = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                sizes = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING size",
+                                         chunk).fetchall()
+                deleted += len(sizes)
+                self._rows -= len(sizes)
+                self._bytes -= sum(s[0] for s in sizes)
+            return deleted
+        return self._transaction(work)
+
+    def drop(self, row_ids: Iterable[int]) -> int:
+        """Delete rows that can never be delivered (the broker refused them, or paho cannot
+        send them), counting them as drops so that the next report covers them."""
+        ids = list(row_ids)
+
+        def work() -> int:
+            found = 0
+            for row_id in ids:
+                row = self._db.execute("DELETE FROM outbox WHERE id = ? RETURNING seq, kind, size",
+                                       (row_id,)).fetchone()
+                if row is not None:
+                    found += 1
+                    self._rows -= 1
+                    self._bytes -= row[2]
+                    self._count_drop(row[1], row[0])
+            return found
+        return self._transaction(work) if ids else 0
+
+    # -- drop reporting -------------------------------------------------------------------
+    def drop_report(self) -> DropReport | None:
+        """Drops not yet reported, or None."""
+        counts = {str(k): self._get(f"unreported.{k}") for k in MessageKind}
+        counts = {k: v for k, v in counts.items() if v}
+        if not counts:
+            return None
+        return DropReport(counts, self._get("unreported.first_seq"), self._get("unreported.last_seq"))
+
+    def enqueue_drop_report(self, topic: str, *, ts_ms: int | None = None) -> int | None:
+        """Queue an `outbox_dropped` event for the unreported drops, atomically marking them
+        reported; returns its seq, or None when nothing was dropped since the last report.
+
+        Rows dropped to make room for the report itself are counted in it, so a consumer
+        can account for every gap below the report's seq."""
+        if self.drop_report() is None:
+            return None
+        ts = self._clock_ms() if ts_ms is None else ts_ms
+
+        def work() -> int:
+            seq = self._next_seq()
+            _, size = self._encode(Outgoing(topic, self._report_payload(ts), MessageKind.EVENT), seq)
+            self._make_room(size + 64, DROP_PRIORITY[MessageKind.EVENT])  # + counts growing a digit
+            msg = Outgoing(topic, self._report_payload(ts), MessageKind.EVENT)
+            body, size = self._encode(msg, seq)
+            for name in [*(f"unreported.{k}" for k in MessageKind), "unreported.first_seq",
+                         "unreported.last_seq"]:
+                self._set(name, 0)
+            self._write(msg, seq, body, size)
+            return seq
+        seq = self._transaction(work)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+        return seq
+
+    def _report_payload(self, ts_ms: int) -> dict[str, Any]:
+        data: dict[str, Any] = {f"dropped_{k}": self._get(f"unreported.{k}") for k in MessageKind}
+        data.update({"first_seq": self._get("unreported.first_seq"),
+                     "last_seq": self._get("unreported.last_seq")})
+        return payloads.event("outbox_dropped", ts_ms=ts_ms, data=data)
+
+    # -- state ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._rows
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    @property
+    def next_seq(self) -> int:
+        return self._get("next_seq", 1)
+
+    def stats(self) -> OutboxStats:
+        return OutboxStats(rows=self._rows, bytes=self._bytes, next_seq=self.next_seq,
+                           dropped={str(k): self._get(f"dropped.{k}") for k in MessageKind})
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,218 @@
+"""The SQLite outbox on its own: order, persistence, crash safety, bounds and the drop policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.north.outbox import MessageKind, Outbox, OutboxError, Outgoing
+
+REPO = Path(__file__).resolve().parents[2]
+T, S, E, A = MessageKind.TELEMETRY, MessageKind.STATUS, MessageKind.EVENT, MessageKind.ACK
+
+
+def _seqs(ob: Outbox) -> list[int]:
+    return [r.seq for r in ob.peek(0, 10_000)]
+
+
+def _body(ob: Outbox) -> list[dict[str, object]]:
+    return [json.loads(r.payload) for r in ob.peek(0, 10_000)]
+
+
+def test_enqueue_stamps_seq_and_keeps_order(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", clock_ms=lambda: 42) as ob:
+        assert ob.enqueue("evedge/v1/s/telemetry", {"ts_ms": 1, "power_w": 5.0}, kind=T) == 1
+        assert ob.enqueue("evedge/v1/s/events", {"ts_ms": 2}, kind=E, retain=True,
+                          correlation=b"\x00corr") == 2
+        assert ob.enqueue_many([Outgoing("a", {"n": n}, A) for n in range(3)]) == [3, 4, 5]
+        rows = ob.peek()
+        assert [r.seq for r in rows] == [1, 2, 3, 4, 5]
+        assert rows[0].payload == b'{"ts_ms":1,"power_w":5.0,"seq":1}'
+        assert (rows[0].topic, rows[0].kind, rows[0].qos, rows[0].retain, rows[0].enqueued_ms) == \
+            ("evedge/v1/s/telemetry", T, 1, False, 42)
+        assert (rows[1].retain, rows[1].correlation) == (True, b"\x00corr")
+        assert [r.seq for r in ob.peek(rows[1].row_id, 2)] == [3, 4]
+        assert len(ob) == 5 and ob.bytes_used > 0
+        assert ob.ack([rows[0].row_id, rows[2].row_id, 999_999]) == 2
+        assert _seqs(ob) == [2, 4, 5]
+        with pytest.raises(ValueError, match="stamps seq"):
+            ob.enqueue("a", {"seq": 7}, kind=T)
+
+
+def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path) as ob:
+        for n in range(20):
+            ob.enqueue(f"t/{n}", {"n": n}, kind=E if n % 5 == 0 else T)
+        ob.ack([r.row_id for r in ob.peek(0, 7)])
+        before = ob.peek(0, 100)
+        used = ob.bytes_used
+    with Outbox(path) as ob:
+        assert ob.peek(0, 100) == before
+        assert (len(ob), ob.bytes_used, ob.next_seq) == (13, used, 21)
+        assert ob.enqueue("t", {}, kind=T) == 21
+
+
+def test_row_ids_are_never_reused(tmp_path: Path) -> None:
+    # the publisher's cursor relies on it: a new row must sort after every row it has seen
+    with Outbox(tmp_path / "o.db") as ob:
+        ob.enqueue_many([Outgoing("t", {}, T)] * 3)
+        last = ob.peek()[-1].row_id
+        ob.ack(r.row_id for r in ob.peek())
+        ob.enqueue("t", {}, kind=T)
+        assert ob.peek()[0].row_id > last
+
+
+CRASHER = """
+import os, signal, sys
+from gateway.north.outbox import Outbox, MessageKind
+ob = Outbox(sys.argv[1], durability=sys.argv[2])
+for n in range(50):
+    ob.enqueue("t", {"n": n}, kind=MessageKind.TELEMETRY)
+ob.ack([r.row_id for r in ob.peek(0, 10)])
+print(ob.next_seq, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_a_killed_process_loses_nothing_and_reuses_no_seq(tmp_path: Path, durability: str) -> None:
+    path = tmp_path / "o.db"
+    proc = subprocess.run([sys.executable, "-c", CRASHER, str(path), durability], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=30,
+                          check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.stdout.strip() == b"51"
+    with Outbox(path) as ob:  # the exclusive lock died with the process
+        assert _seqs(ob) == list(range(11, 51))
+        assert ob.enqueue("t", {}, kind=T) == 51
+
+
+def test_one_process_at_a_time(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db"), pytest.raises(OutboxError, match="in use"):
+        Outbox(tmp_path / "o.db")
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(OutboxError, match="not a usable outbox"):
+        Outbox(path)
+
+
+def test_a_failed_enqueue_changes_nothing(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_bytes=2048) as ob:
+        ob.enqueue("t", {"n": 1}, kind=T)
+        with pytest.raises(ValueError, match="larger than the outbox"):
+            ob.enqueue_many([Outgoing("t", {"n": 2}, T), Outgoing("t", {"x": "y" * 4000}, E)])
+        assert (_seqs(ob), ob.next_seq, len(ob)) == ([1], 2, 1)
+        assert ob.drop_report() is None
+
+
+def _fill(ob: Outbox, kinds: str) -> None:
+    names = {"T": T, "S": S, "E": E, "A": A}
+    for k in kinds:
+        ob.enqueue("t", {"k": k}, kind=names[k])
+
+
+def test_drop_policy_oldest_telemetry_first(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_rows=10) as ob:
+        _fill(ob, "EE" + "T" * 8)                     # seq 1-2 events, 3-10 telemetry
+        _fill(ob, "T")                                # seq 11 pushes out seq 3
+        _fill(ob, "E")                                # seq 12 pushes out seq 4, not an event
+        assert _seqs(ob) == [1, 2, 5, 6, 7, 8, 9, 10, 11, 12]
+        report = ob.drop_report()
+        assert report is not None
+        assert (report.counts, report.first_seq, report.last_seq, report.total) == ({"telemetry": 2}, 3, 4, 2)
+
+
+def test_drop_policy_status_after_telemetry_events_last(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_rows=4) as ob:
+        _fill(ob, "SSEA")                             # seq 1-4
+        _fill(ob, "T")                                # seq 5: telemetry never displaces a status
+        assert _seqs(ob) == [1, 2, 3, 4]
+        _fill(ob, "S")                                # seq 6 displaces the oldest status
+        assert _seqs(ob) == [2, 3, 4, 6]
+        _fill(ob, "E")                                # seq 7: statuses go before events
+        _fill(ob, "E")                                # seq 8: the last status
+        assert _seqs(ob) == [3, 4, 7, 8]
+        _fill(ob, "A")                                # seq 9: only events/acks left: the oldest goes
+        assert _seqs(ob) == [4, 7, 8, 9]
+        assert ob.stats().dropped == {"telemetry": 1, "status": 3, "event": 1, "ack": 0}
+
+
+def test_byte_bound(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_bytes=4096) as ob:
+        for n in range(100):
+            ob.enqueue("evedge/v1/s/telemetry", {"n": n, "pad": "x" * 100}, kind=T)
+            assert ob.bytes_used <= 4096
+        kept = _seqs(ob)
+        assert kept == list(range(101 - len(kept), 101)) and len(kept) > 20
+        report = ob.drop_report()
+        assert report is not None and report.total == 100 - len(kept)
+
+
+def test_drops_are_reported_once_as_an_event_and_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, max_rows=5, clock_ms=lambda: 1000) as ob:
+        _fill(ob, "TTTTTTT")                         # drops seq 1, 2
+    with Outbox(path, max_rows=5, clock_ms=lambda: 2000) as ob:
+        report = ob.drop_report()                    # unreported drops are kept in the file
+        assert report is not None and (report.counts, report.first_seq, report.last_seq) == \
+            ({"telemetry": 2}, 1, 2)
+        seq = ob.enqueue_drop_report("evedge/v1/s/events")
+        assert seq == 8
+        # seq 3 made room for the report, and is counted in it: every gap below 8 is explained
+        assert _body(ob)[-1] == {"event": "outbox_dropped", "ts_ms": 2000, "dropped_telemetry": 3,
+                                 "dropped_status": 0, "dropped_event": 0, "dropped_ack": 0,
+                                 "first_seq": 1, "last_seq": 3, "seq": 8}
+        assert _seqs(ob) == [4, 5, 6, 7, 8]
+        assert ob.drop_report() is None and ob.enqueue_drop_report("evedge/v1/s/events") is None
+        assert ob.stats().dropped["telemetry"] == 3  # the totals stay
+        _fill(ob, "T")
+        report = ob.drop_report()
+        assert report is not None and (report.counts, report.first_seq, report.last_seq) == \
+            ({"telemetry": 1}, 4, 4)
+
+
+@st.composite
+def _ops(draw: st.DrawFn) -> list[tuple[str, MessageKind | int]]:
+    return draw(st.lists(st.one_of(st.tuples(st.just("put"), st.sampled_from(list(MessageKind))),
+                                   st.tuples(st.just("ack"), st.integers(1, 4)),
+                                   st.tuples(st.just("report"), st.just(0))), max_size=60))
+
+
+@settings(max_examples=40, deadline=None)
+@given(_ops(), st.integers(2, 8))
+def test_every_seq_is_delivered_queued_or_counted(tmp_path_factory: pytest.TempPathFactory,
+                                                  ops: list[tuple[str, MessageKind | int]],
+                                                  max_rows: int) -> None:
+    path = tmp_path_factory.mktemp("prop") / "o.db"
+    acked: set[int] = set()
+    with Outbox(path, max_rows=max_rows, durability="normal") as ob:
+        for op, arg in ops:
+            kinds_before = {r.kind for r in ob.peek(0, 100)}
+            important_before = ob.stats().dropped["event"] + ob.stats().dropped["ack"]
+            if op == "put":
+                assert isinstance(arg, MessageKind)
+                ob.enqueue("t", {"x": 1}, kind=arg)
+            elif op == "ack":
+                rows = ob.peek(0, int(arg))
+                acked |= {r.seq for r in rows}
+                ob.ack(r.row_id for r in rows)
+            else:
+                ob.enqueue_drop_report("e")
+            queued = _seqs(ob)
+            assert len(queued) <= max_rows and queued == sorted(queued)
+            dropped = sum(ob.stats().dropped.values())
+            assert len(acked) + len(queued) + dropped == ob.next_seq - 1
+            if ob.stats().dropped["event"] + ob.stats().dropped["ack"] > important_before:
+                assert not kinds_before & {MessageKind.TELEMETRY, MessageKind.STATUS}

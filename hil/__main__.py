@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a whole virtual site on this machine (make run)")
     demo.set_defaults(func=_demo)
+    from hil.cli_trace import add_import_parser, add_info_parser
+
+    add_import_parser(sub)
+    add_info_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

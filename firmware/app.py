@@ -9,7 +9,6 @@
 import asyncio
 
 from firmware import clock
-from firmware.config import load_config
 from firmware.controller import Controller
 from firmware.energy_store import EnergyStore
 from firmware.flash import FileFlash
@@ -24,13 +23,29 @@ _T_METER = 2
 _T_LINK = 4
 
 
+def _load_config_once(path):
+    """Validate the config, then unload the validator: its schema and messages are only
+    needed at boot (and for a rare ChangeConfiguration), and cost ~13 KB of RAM."""
+    import sys
+
+    import firmware
+    from firmware import config
+
+    cfg, errors = config.load_config(path)
+    del sys.modules["firmware.config"]
+    if hasattr(firmware, "config"):
+        delattr(firmware, "config")
+    return cfg, errors
+
+
 class App:
     def __init__(self, machine, config_path="column.json", store_prefix="energy", pins=None,
                  use_wdt=True, log=None):
         self.clock = clock
         self.version = VERSION
         self.log = log or print
-        self.cfg, self.config_errors = load_config(config_path)
+        self.config_path = config_path
+        self.cfg, self.config_errors = _load_config_once(config_path)
         for err in self.config_errors:
             self.log("config error: " + err)
         self.hal = Hal(machine, pins, use_wdt=use_wdt)
@@ -180,8 +195,19 @@ class App:
             else:
                 await self.link.serve_tcp(link["tcp_port"], clock, asyncio,
                                           link.get("host", "0.0.0.0"))
+        elif mode in ("cbor-serial", "cbor-tcp"):
+            from firmware.gw_cbor import CborLink
+
+            self.link = CborLink(self)
+            if mode == "cbor-serial":
+                uart, de = hal.uart("link", link["baud"])
+                tasks.append(asyncio.create_task(self.link.serve_serial(uart, de, clock, asyncio,
+                                                                        self.link_alive)))
+                expected |= _T_LINK
+            else:
+                await self.link.serve_tcp(link["tcp_port"], clock, asyncio, link.get("host", "0.0.0.0"))
         else:
-            self.log("link mode %s is not served yet" % mode)
+            self.log("unknown link mode %s: the column runs without a gateway link" % mode)
         tasks.append(asyncio.create_task(self.watchdog_task(expected)))
         await asyncio.gather(*tasks)
 

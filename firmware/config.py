@@ -43,7 +43,7 @@ _LINK = (
     ("mode", _ONE_OF, LINK_MODES, None, _REQ),
     ("baud", _ONE_OF, BAUDS, None, _COND),       # needed by the serial modes
     ("tcp_port", _INT, 1, 65535, _COND),         # needed by the TCP modes
-    ("host", _HOST, 1, 253, _COND),              # needed by cbor-tcp (the gateway to call)
+    ("host", _HOST, 1, 253, _COND),              # TCP modes: address to listen on (default all)
 )
 _TOP = (
     ("column_id", _ID, 1, 32, _REQ),
@@ -205,8 +205,7 @@ def _cross_check(cfg, data, errors):
     raw = data.get("link") if isinstance(data, dict) else None
     if not isinstance(raw, dict):
         raw = {}
-    for key, needed in (("baud", mode in _SERIAL_MODES), ("tcp_port", mode in _TCP_MODES),
-                        ("host", mode == "cbor-tcp")):
+    for key, needed in (("baud", mode in _SERIAL_MODES), ("tcp_port", mode in _TCP_MODES)):
         if needed and key not in link and key not in raw:  # a bad value is reported already
             errors.append("link.%s: missing (needed for %s)" % (key, mode))
 

@@ -55,7 +55,7 @@ _U31 = (0, MAX_ID)
 _PHASE_NUMS = (NUM, 3, 3, None)
 _ACCEPTED = ("Accepted", "Rejected")
 _TRIGGERABLE = ("BootNotification", "Heartbeat", "StatusNotification", "MeterValues")
-STOP_REASONS = ("Local", "Remote", "EVDisconnected", "PowerLoss", "Reboot", "Other")
+STOP_REASONS = ("Local", "Remote", "EVDisconnected", "PowerLoss", "Reboot", "EmergencyStop", "Other")
 
 # (action, direction, request fields, result fields), in documentation order.
 ACTIONS = (

@@ -9,6 +9,7 @@
 # changes: {"t": ms, "duty": 5000, "contactor": 1, "offered_da": 300, "status": 2}.
 # MicroPython-compatible code only (it runs on the unix port).
 import asyncio
+import gc
 import json
 import sys
 
@@ -85,7 +86,8 @@ class BoardWorld:
             if state != self._last:
                 self._last = state
                 out = {"t": clock.ticks_ms(), "duty": ctl.duty, "contactor": coil,
-                       "offered_da": ctl.offered_da, "status": ctl.status}
+                       "offered_da": ctl.offered_da, "status": ctl.status,
+                       "heap_used": gc.mem_alloc() if hasattr(gc, "mem_alloc") else 0}
                 self.io.write(json.dumps(out).encode() + b"\n")
             await asyncio.sleep(0.005)
 

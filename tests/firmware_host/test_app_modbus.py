@@ -8,9 +8,6 @@ replaced: it is the same app a board runs from main.py.
 
 from __future__ import annotations
 
-import json
-import os
-import select
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +16,11 @@ import pytest
 from pymodbus.client import ModbusSerialClient
 
 from firmware import pilot, regmap, status
-from hil.models.sdm_meter import SdmMeterModel, ThreadedSdmMeter
-from hil.rig.firmware_proc import INTERPRETERS, REPO, start_firmware, stop_process
-from hil.rig.serial_pair import SerialPair
+from hil.rig.firmware_proc import INTERPRETERS
+from hil.rig.vcolumn import VirtualColumn
 from tools.firmware_build import build
 
 UNIT = 3
-RUNNER = REPO / "hil" / "vcolumn_main.py"
 CONFIG = {
     "column_id": "test-col-3", "bus_address": UNIT, "phases": 3,
     "hardware_rating_a": 32, "installation_rating_a": 25, "failsafe_a": 10,
@@ -35,28 +30,14 @@ CONFIG = {
 
 
 class Column:
-    """Handles on a running virtual column."""
+    """A virtual column and a pymodbus client playing the gateway on its RS-485 link."""
 
-    def __init__(self, proc, io_fd: int, client: ModbusSerialClient, meter: SdmMeterModel) -> None:
-        self.proc = proc
-        self.io_fd = io_fd
+    def __init__(self, vcol: VirtualColumn, client: ModbusSerialClient) -> None:
+        self.vcol = vcol
         self.client = client
-        self.meter = meter
-        self._buf = b""
-        self.board_log: list[dict[str, int]] = []
-
-    def board(self, **inputs: int) -> None:
-        os.write(self.io_fd, json.dumps(inputs).encode() + b"\n")
-
-    def _drain_board(self) -> None:
-        while select.select([self.io_fd], [], [], 0)[0]:
-            self._buf += os.read(self.io_fd, 4096)
-        *lines, self._buf = self._buf.split(b"\n")
-        self.board_log += [json.loads(line) for line in lines if line.strip()]
-
-    def outputs(self) -> dict[str, int]:
-        self._drain_board()
-        return self.board_log[-1] if self.board_log else {}
+        self.meter = vcol.meter
+        self.board = vcol.board
+        self.outputs = vcol.outputs
 
     def inputs(self) -> list[int]:
         reply = self.client.read_input_registers(0, count=regmap.INPUT_COUNT, device_id=UNIT)
@@ -75,18 +56,6 @@ class Column:
         raise AssertionError(f"timed out waiting for {what}; last registers/outputs: {last}")
 
 
-def _open_end(path: str) -> int:
-    import termios
-    import tty
-
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    tty.setraw(fd)
-    attrs = termios.tcgetattr(fd)
-    attrs[3] &= ~termios.ECHO
-    termios.tcsetattr(fd, termios.TCSANOW, attrs)
-    return fd
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The firmware compiled with mpy-cross: MicroPython loads it as a board would."""
@@ -94,24 +63,16 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start_column(interp: str, tmp_path: Path, config: dict[str, object], bundle: Path) -> Iterator[Column]:
-    (tmp_path / "column.json").write_text(json.dumps(config))
-    with SerialPair() as meter_line, SerialPair() as link_line, SerialPair() as io_line:
-        model = SdmMeterModel("sdm630", 1)
-        model.set_load([0.0, 0.0, 0.0])
-        with ThreadedSdmMeter(model, meter_line.a_path):
-            io_fd = _open_end(io_line.a_path)
-            proc = start_firmware(interp, RUNNER, ["column.json", meter_line.b_path,
-                                                   link_line.b_path, io_line.b_path], cwd=tmp_path,
-                                   bundle=bundle)
-            client = ModbusSerialClient(link_line.a_path, baudrate=19200, timeout=1, retries=2)
-            try:
-                assert client.connect()
-                yield Column(proc, io_fd, client, model)
-            finally:
-                client.close()
-                out = stop_process(proc)
-                os.close(io_fd)
-                print(out.decode(errors="replace")[-3000:])
+    with VirtualColumn(interp, tmp_path / "column", config, bundle=bundle) as vcol:
+        vcol.meter.set_load([0.0, 0.0, 0.0])
+        assert vcol.link_path is not None
+        client = ModbusSerialClient(vcol.link_path, baudrate=19200, timeout=1, retries=2)
+        try:
+            assert client.connect()
+            yield Column(vcol, client)
+        finally:
+            client.close()
+    print(vcol.output.decode(errors="replace")[-3000:])
 
 
 @pytest.fixture(params=INTERPRETERS)

@@ -1,0 +1,252 @@
+# The gateway link over the OCPP-like CBOR message set (firmware/messages.py), on a
+# serial line or as a TCP server the gateway connects to. Only loaded when the config's
+# link mode is cbor-serial or cbor-tcp. The column announces itself (BootNotification),
+# keeps the gateway informed (StatusNotification on change, MeterValues periodically,
+# Start/StopTransaction from session events, Heartbeat) and serves the gateway's calls.
+from firmware.cbor_link import Link
+from firmware.clock import elapsed_ms
+from firmware.messages import MessageError
+from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
+
+_BOOT_RETRY_MS = 10000
+_METER_VALUES_MS = 10000
+_STATUS_MIN_MS = 1000      # offered-current-only changes are reported at most this often
+_EV_START = 1              # firmware.session event kinds
+_EV_STOP = 2
+# firmware.session stop reason code -> contract name
+STOP_NAMES = ("Other", "EVDisconnected", "Remote", "PowerLoss", "EmergencyStop")
+# Keys a gateway may change at run time; anything else is refused (ratings above all).
+_CHANGEABLE = ("failsafe_a", "heartbeat_timeout_s", "min_pause_s", "meter_stale_s")
+
+
+class CborLink:
+    def __init__(self, app):
+        self.app = app
+        self.link = Link(self._write, {
+            "SetChargingLimit": self._set_limit,
+            "GetConfiguration": self._get_configuration,
+            "ChangeConfiguration": self._change_configuration,
+            "Reset": self._reset,
+            "TriggerMessage": self._trigger,
+        })
+        self._out = None            # the transport's write(bytes), None while disconnected
+        self.accepted = False       # BootNotification accepted by the gateway
+        self._boot_ms = None
+        self._heartbeat_ms = 60000
+        self._hb_sent_ms = 0
+        self._mv_sent_ms = 0
+        self._status = None         # last StatusNotification key sent
+        self._status_ms = 0
+        self._seq = 0
+        self._triggered = []        # messages asked for by TriggerMessage, sent after its result
+
+    # -- transport side ------------------------------------------------------------------
+    def _write(self, data):
+        if self._out is None:
+            raise OSError("link down")
+        self._out(data)
+
+    def connected(self, write, now_ms):
+        self._out = write
+        self.link.reset()
+        self.accepted = False
+        self._boot_ms = None
+        self._status = None
+
+    def disconnected(self):
+        self._out = None
+        self.accepted = False
+
+    def on_bytes(self, data, now_ms):
+        if self.accepted and not self.app.config_errors:
+            self.app.ctl.heartbeat(now_ms)  # any frame from the gateway proves it is alive
+        self.link.on_bytes(data, now_ms)
+
+    # -- periodic work (called from the app's control task) -------------------------------
+    def refresh(self, now_ms):
+        if self._out is None:
+            return
+        link = self.link
+        link.poll(now_ms)
+        if not self.accepted:
+            if self._boot_ms is None or elapsed_ms(now_ms, self._boot_ms) >= _BOOT_RETRY_MS:
+                self._boot_ms = now_ms
+                link.call("BootNotification", self._boot_payload(), now_ms, self._on_boot)
+            return
+        while self._triggered:
+            self._send(self._triggered.pop(0), now_ms)
+        if elapsed_ms(now_ms, self._hb_sent_ms) >= self._heartbeat_ms:
+            self._send("Heartbeat", now_ms)
+        key = self._status_key()
+        if key != self._status and (self._status is None or key[:4] != self._status[:4]
+                                    or elapsed_ms(now_ms, self._status_ms) >= _STATUS_MIN_MS):
+            self._send("StatusNotification", now_ms)
+        if elapsed_ms(now_ms, self._mv_sent_ms) >= _METER_VALUES_MS:
+            self._send("MeterValues", now_ms)
+
+    def on_event(self, kind, session_id, energy_wh, reason, now_ms):
+        if self._out is None:
+            return  # the energy register and the session counters are on flash already
+        if kind == _EV_START:
+            self.link.call("StartTransaction", {"sessionId": session_id, "meterStartWh": energy_wh},
+                           now_ms)
+        elif kind == _EV_STOP:
+            name = STOP_NAMES[reason] if 0 <= reason < len(STOP_NAMES) else "Other"
+            self.link.call("StopTransaction", {"sessionId": session_id, "meterStopWh": energy_wh,
+                                               "reason": name}, now_ms)
+
+    # -- messages we send ----------------------------------------------------------------
+    def _boot_payload(self):
+        app = self.app
+        cfg = app.cfg
+        payload = {"columnId": str(cfg.get("column_id", "unconfigured")),
+                   "firmwareVersion": "%d.%d.%d" % app.version, "model": "evedge-column",
+                   "phases": cfg.get("phases", 3) if cfg.get("phases") in (1, 3) else 3,
+                   "hardwareRatingA": min(80, max(0, cfg.get("hardware_rating_a", 0))),
+                   "busAddress": cfg.get("bus_address", 0)}
+        if app.config_errors:
+            payload["configError"] = "; ".join(app.config_errors)[:200]
+        return payload
+
+    def _on_boot(self, answer):
+        if isinstance(answer, dict) and answer.get("status") == "Accepted":
+            self.accepted = True
+            self._heartbeat_ms = answer["heartbeatIntervalS"] * 1000
+
+    def _status_key(self):
+        ctl = self.app.ctl
+        return (ctl.status, ctl.error, ctl.cp_state, ctl.limit_source, ctl.offered_da)
+
+    def _send(self, action, now_ms):
+        app = self.app
+        ctl = app.ctl
+        if action == "Heartbeat":
+            self._hb_sent_ms = now_ms
+            payload = {}
+        elif action == "StatusNotification":
+            self._status = self._status_key()
+            self._status_ms = now_ms
+            payload = {"status": STATUS_NAMES[ctl.status], "errorCode": ERROR_NAMES[ctl.error],
+                       "cpState": CP_NAMES[ctl.cp_state], "offeredA": ctl.offered_da / 10,
+                       "limitSource": LIMIT_SOURCE_NAMES[ctl.limit_source]}
+        elif action == "MeterValues":
+            self._mv_sent_ms = now_ms
+            self._seq = (self._seq + 1) & 0x7FFFFFFF
+            m = app.meter
+            cur = [m.current_da[i] / 10 for i in range(3)] if m is not None else [0, 0, 0]
+            volt = [m.voltage_dv[i] / 10 for i in range(3)] if m is not None else [0, 0, 0]
+            payload = {"energyWh": app.energy_wh, "sessionEnergyWh": ctl.session_energy_wh,
+                       "powerW": m.power_w if m is not None else 0, "currentA": cur,
+                       "voltageV": volt, "offeredA": ctl.offered_da / 10, "seq": self._seq}
+        elif action == "BootNotification":
+            self.accepted = False
+            self._boot_ms = None
+            return
+        else:
+            return
+        self.link.call(action, payload, now_ms)
+
+    # -- calls we serve ------------------------------------------------------------------
+    def _refuse_if_unconfigured(self):
+        if self.app.config_errors:
+            raise MessageError("GenericError", "column configuration invalid: " +
+                               "; ".join(self.app.config_errors)[:120])
+
+    def _set_limit(self, payload, now_ms):
+        self._refuse_if_unconfigured()
+        ctl = self.app.ctl
+        ctl.heartbeat(now_ms)
+        if "failsafeA" in payload and ctl.set_failsafe(int(payload["failsafeA"] * 10)) < 0:
+            return {"status": "Rejected", "appliedA": 0}
+        applied = ctl.assign_limit(int(payload["limitA"] * 10), payload["validityS"], now_ms)
+        if applied < 0:
+            return {"status": "Rejected", "appliedA": 0}
+        return {"status": "Accepted", "appliedA": applied / 10}
+
+    def _get_configuration(self, payload, now_ms):
+        cfg = self.app.cfg
+        keys = payload.get("keys") or list(cfg.keys())
+        known = {}
+        unknown = []
+        for key in keys:
+            if key in cfg:
+                known[key] = cfg[key]
+            else:
+                unknown.append(key)
+        return {"configuration": known, "unknownKeys": unknown}
+
+    def _change_configuration(self, payload, now_ms):
+        self._refuse_if_unconfigured()
+        key = payload["key"]
+        if key not in _CHANGEABLE:
+            return {"status": "NotSupported"}
+        from firmware.config import save_config
+
+        new = dict(self.app.cfg)
+        new[key] = payload["value"]
+        if save_config(self.app.config_path, new):
+            return {"status": "Rejected"}  # invalid value: nothing written, nothing changed
+        self.app.cfg = new
+        if key == "failsafe_a":
+            self.app.ctl.set_failsafe(int(payload["value"] * 10))
+            return {"status": "Accepted"}
+        return {"status": "RebootRequired"}
+
+    def _reset(self, payload, now_ms):
+        self.app.request_reset()
+        return {"status": "Accepted"}
+
+    def _trigger(self, payload, now_ms):
+        self._triggered.append(payload["requestedMessage"])
+        return {"status": "Accepted"}
+
+    # -- transports ----------------------------------------------------------------------
+    async def serve_serial(self, uart, de_pin, clock, asyncio, alive):
+        def write(data):
+            if de_pin is not None:
+                de_pin.value(1)
+            uart.write(data)
+            uart.flush()
+            if de_pin is not None:
+                de_pin.value(0)
+
+        self.connected(write, clock.ticks_ms())
+        rx = bytearray(256)
+        while True:
+            alive()
+            n = uart.readinto(rx)
+            if n:
+                self.on_bytes(bytes(rx[0:n]), clock.ticks_ms())
+            await asyncio.sleep(0.002)
+
+    async def serve_tcp(self, port, clock, asyncio, host="0.0.0.0"):
+        async def client(reader, writer):
+            if self._out is not None:
+                writer.close()  # one gateway at a time
+                return
+            self.connected(writer.write, clock.ticks_ms())
+            pump = asyncio.create_task(self._pump(writer, asyncio))
+            try:
+                while True:
+                    data = await reader.read(512)
+                    if not data:
+                        break
+                    self.on_bytes(data, clock.ticks_ms())
+            except OSError:
+                pass
+            finally:
+                self.disconnected()
+                pump.cancel()
+                writer.close()
+
+        return await asyncio.start_server(client, host, port)
+
+    async def _pump(self, writer, asyncio):
+        """Frames written from the control task go out here (MicroPython's streams send
+        on drain)."""
+        try:
+            while True:
+                await writer.drain()
+                await asyncio.sleep(0.005)
+        except OSError:
+            pass

@@ -69,6 +69,7 @@ class App:
         self._reset_requested = False
         self._boot_ms = clock.ticks_ms()
         self._machine = machine
+        self.tasks = {}  # name -> asyncio task, once run() has started them
 
     # -- energy register: advances by the meter's positive deltas, persisted by the store
     def _account_energy(self, now_ms):
@@ -175,11 +176,11 @@ class App:
         """Start every task; the HAL opens the UARTs named by the board's pin map."""
         cfg = self.cfg
         hal = self.hal
-        tasks = [asyncio.create_task(self.control_task())]
+        self.tasks = tasks = {"control": asyncio.create_task(self.control_task())}
         expected = _T_CONTROL
         if not self.config_errors:
             uart, de = hal.uart("meter", cfg["meter"]["baud"])
-            tasks.append(asyncio.create_task(self.meter_task(uart, de)))
+            tasks["meter"] = asyncio.create_task(self.meter_task(uart, de))
             expected |= _T_METER
         link = cfg["link"]
         mode = link["mode"]
@@ -189,8 +190,8 @@ class App:
             self.link = ModbusLink(self, cfg["bus_address"])
             if mode == "modbus-rtu":
                 uart, de = hal.uart("link", link["baud"])
-                tasks.append(asyncio.create_task(self.link.serve_rtu(uart, de, clock, asyncio,
-                                                                     self.link_alive)))
+                tasks["link"] = asyncio.create_task(self.link.serve_rtu(uart, de, clock, asyncio,
+                                                                        self.link_alive))
                 expected |= _T_LINK
             else:
                 await self.link.serve_tcp(link["tcp_port"], clock, asyncio,
@@ -201,15 +202,15 @@ class App:
             self.link = CborLink(self)
             if mode == "cbor-serial":
                 uart, de = hal.uart("link", link["baud"])
-                tasks.append(asyncio.create_task(self.link.serve_serial(uart, de, clock, asyncio,
-                                                                        self.link_alive)))
+                tasks["link"] = asyncio.create_task(self.link.serve_serial(uart, de, clock, asyncio,
+                                                                           self.link_alive))
                 expected |= _T_LINK
             else:
                 await self.link.serve_tcp(link["tcp_port"], clock, asyncio, link.get("host", "0.0.0.0"))
         else:
             self.log("unknown link mode %s: the column runs without a gateway link" % mode)
-        tasks.append(asyncio.create_task(self.watchdog_task(expected)))
-        await asyncio.gather(*tasks)
+        tasks["watchdog"] = asyncio.create_task(self.watchdog_task(expected))
+        await asyncio.gather(*tasks.values())
 
 
 def main(config_path="column.json"):

@@ -54,11 +54,11 @@ def firmware_env(extra_paths: list[Path] | None = None, bundle: Path | None = No
 
 def run_firmware(interp: str, script: str | Path, args: list[str] | None = None, *,
                  heap: str = DEFAULT_HEAP, timeout_s: float = 60.0, cwd: Path | None = None,
-                 extra_paths: list[Path] | None = None,
-                 input_bytes: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+                 extra_paths: list[Path] | None = None, input_bytes: bytes | None = None,
+                 bundle: Path | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run to completion; a run past `timeout_s` is killed and raises TimeoutExpired."""
     return subprocess.run(firmware_command(interp, script, args, heap), cwd=cwd,
-                          env=firmware_env(extra_paths), input=input_bytes,
+                          env=firmware_env(extra_paths, bundle), input=input_bytes,
                           capture_output=True, timeout=timeout_s, check=False)
 
 

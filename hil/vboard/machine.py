@@ -122,10 +122,13 @@ class UART:
             self._line = open(path, "r+b")
         else:
             self._line = open(path, "r+b", buffering=0)
-        attrs = termios.tcgetattr(self._line.fileno())
-        attrs[6][6] = 0   # VMIN
-        attrs[6][5] = 0   # VTIME
-        termios.tcsetattr(self._line.fileno(), termios.TCSANOW, attrs)
+        try:
+            attrs = termios.tcgetattr(self._line.fileno())
+            attrs[6][6] = 0   # VMIN
+            attrs[6][5] = 0   # VTIME
+            termios.tcsetattr(self._line.fileno(), termios.TCSANOW, attrs)
+        except Exception:  # termios.error on CPython, OSError on MicroPython
+            pass  # not a tty (e.g. /dev/null for a line nobody listens on)
 
     def fileno(self):
         return self._line.fileno()

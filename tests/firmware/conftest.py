@@ -5,7 +5,9 @@ functions with no arguments, plain `assert`, helpers from `fwtest`. For each fun
 pytest shows two items, `test_x` (CPython, in-process) and `test_x[micropython]` (a
 fresh `micropython -X heapsize=128K` process per test, under a timeout). A module may
 ask for another heap with `MPY_HEAP = "64K"` and another limit with `MPY_TIMEOUT_S = 30`.
-Both legs run with a fresh temporary folder as the working directory.
+Both legs run with a fresh temporary folder as the working directory. The MicroPython
+leg imports the firmware from its mpy-cross bundle (built once per session), as a board
+does: what is tested is what ships, and source compilation does not eat the heap.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from hil.rig.firmware_proc import DEFAULT_HEAP, VBOARD, run_firmware
+from tools.firmware_build import BuildError, build
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "mpy_runner.py"
@@ -46,6 +49,28 @@ class MicroPythonFailure(Exception):
     """A firmware test failed (or hung) inside the MicroPython unix port."""
 
 
+_BUNDLE: dict[str, Path | str] = {}
+
+
+def _bundle() -> Path:
+    """The firmware compiled once per test session; a build error fails every MicroPython leg."""
+    if "path" not in _BUNDLE and "error" not in _BUNDLE:
+        out = Path(tempfile.mkdtemp(prefix="fwbundle-"))
+        try:
+            _BUNDLE["path"] = build(out=out).root
+        except BuildError as exc:
+            _BUNDLE["error"] = str(exc)
+    if "error" in _BUNDLE:
+        raise MicroPythonFailure(f"the firmware does not build:\n{_BUNDLE['error']}")
+    return Path(_BUNDLE["path"])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = _BUNDLE.get("path")
+    if isinstance(path, Path):
+        shutil.rmtree(path.parent if path.name == "firmware" else path, ignore_errors=True)
+
+
 class MicroPythonItem(pytest.Item):
     def __init__(self, *, function_name: str, settings: dict[str, object], **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -60,7 +85,7 @@ class MicroPythonItem(pytest.Item):
                 done = run_firmware("micropython", RUNNER, [self.path.stem, self.function_name],
                                     heap=str(self.settings["MPY_HEAP"]),
                                     timeout_s=float(self.settings["MPY_TIMEOUT_S"]),  # type: ignore[arg-type]
-                                    cwd=workdir, extra_paths=[self.path.parent])
+                                    cwd=workdir, extra_paths=[self.path.parent], bundle=_bundle())
             except subprocess.TimeoutExpired as exc:
                 raise MicroPythonFailure(
                     f"timed out after {exc.timeout} s\n{(exc.output or b'').decode(errors='replace')}"

@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_import_parser(sub)
     add_info_parser(sub)
+    from hil import validate_ev
+
+    validate_ev.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,77 @@
+"""The contract between the replay engine and whatever runs the columns under test.
+
+The engine owns the world: it reads the trace, runs the EV models (hil.models.ev), the
+meters and the gateway's site allocation, and at every step hands each column its
+analogue inputs and reads back what the firmware decided. A target owns the columns:
+
+- `sim`: the firmware core (firmware.controller.Controller) in this process, stepped on
+  a virtual clock, as fast as the CPU allows;
+- `mpy`: the whole firmware app in the MicroPython unix port (hil.rig.vcolumn), with
+  the board's world over serial line pairs, in real time;
+- `serial:PORT`: a real board (or a pty standing in for one) over a real serial port.
+
+Times are trace times in ms (starting at 0). A realtime target paces `advance()` to the
+wall clock scaled by `speed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ColumnInputs:
+    """What the world presents to a column at one instant."""
+
+    cp_high_mv: int                  # EV side of the control pilot: 12000 A, 9000 B, 6000 C, 3000 D
+    diode: bool                      # the EV's diode (False: a misbehaving car)
+    pp_ohms: int                     # cable resistor; -1 = no cable
+    current_a: tuple[float, float, float]   # what the meter measures per phase
+    voltage_v: tuple[float, float, float]
+    energy_wh: float                 # the meter's import register
+    rcd_tripped: bool = False
+    meter_ok: bool = True            # False: the meter stops answering
+
+
+@dataclass(frozen=True)
+class ColumnOutputs:
+    """What the column's firmware decided, as observed at the column's edge."""
+
+    duty: int                        # pilot duty in 0.01 % (10000 = no current offered)
+    offered_a: float                 # current signalled on the pilot (0 = none)
+    contactor: bool
+    status: str                      # firmware.status.STATUS_NAMES
+    cp_state: str                    # firmware.status.CP_NAMES
+    limit_source: str                # firmware.status.LIMIT_SOURCE_NAMES
+    failsafe_active: bool
+    energy_wh: int                   # the firmware's own energy register
+    error: str                       # firmware.status.ERROR_NAMES
+
+
+class Target(Protocol):
+    """A set of columns under test. `start` brings them up from their column configs
+    (the dicts firmware/config.py validates), keyed by column id."""
+
+    realtime: bool
+
+    def start(self, columns: dict[str, dict[str, object]]) -> None: ...
+
+    def set_inputs(self, column_id: str, now_ms: int, inputs: ColumnInputs) -> None: ...
+
+    def advance(self, to_ms: int) -> None:
+        """Let the columns run until trace time `to_ms` (virtual or paced real time)."""
+
+    def outputs(self, column_id: str) -> ColumnOutputs: ...
+
+    def assign_limit(self, column_id: str, now_ms: int, limit_a: float, validity_s: int,
+                     failsafe_a: float | None = None) -> None:
+        """The gateway's assignment to one column, over the column's own link."""
+
+    def gateway_silent(self, column_id: str, now_ms: int, silent: bool) -> None:
+        """A link fault: while silent, nothing from the gateway reaches the column."""
+
+    def power_cut(self, column_id: str, now_ms: int, duration_ms: int) -> None:
+        """The column loses power now and boots again after duration_ms."""
+
+    def close(self) -> None: ...

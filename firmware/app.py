@@ -182,8 +182,12 @@ class App:
             uart, de = hal.uart("meter", cfg["meter"]["baud"])
             tasks["meter"] = asyncio.create_task(self.meter_task(uart, de))
             expected |= _T_METER
-        link = cfg["link"]
-        mode = link["mode"]
+        # A broken config may have lost the link section or the bus address: the column
+        # then stays safe and silent rather than guess where its gateway is.
+        link = cfg.get("link") or {}
+        mode = link.get("mode")
+        if mode in ("modbus-rtu", "modbus-tcp") and "bus_address" not in cfg:
+            mode = None
         if mode in ("modbus-rtu", "modbus-tcp"):
             from firmware.gw_modbus import ModbusLink
 

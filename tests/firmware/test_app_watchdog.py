@@ -65,3 +65,24 @@ def test_a_dead_link_task_stops_the_feeding():
     healthy, later = asyncio.run(_scenario("link"))
     assert healthy >= 2, healthy
     assert later == 0, later
+
+
+def test_a_config_without_a_link_boots_safe_without_crashing():
+    machine.board.clear()
+    with open("column.json", "w") as f:
+        f.write(json.dumps({"column_id": "no-link", "phases": 3}))
+    column = firmware_app.App(machine, "column.json", log=lambda *a: None)
+    assert column.config_errors
+
+    async def run_briefly():
+        runner = asyncio.create_task(column.run())
+        await asyncio.sleep(0.3)
+        for task in column.tasks.values():
+            task.cancel()
+        runner.cancel()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(run_briefly())
+    assert column.link is None
+    assert column.ctl.offered_da == 0 and not column.ctl.contactor_on
+    assert machine.board.pwm[hal.PINS["cp_pwm"]].duty_u16() == 0  # state F: not available

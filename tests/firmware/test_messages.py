@@ -111,7 +111,7 @@ def test_payload_errors_carry_the_ocpp_code():
            with_("StatusNotification", "cpState", "G"))
     expect(P, "limitSource must be one of", "StatusNotification",
            with_("StatusNotification", "limitSource", "dno"))
-    expect(P, "reason must be one of Local, Remote, EVDisconnected, PowerLoss, Reboot, Other",
+    expect(P, "reason must be one of Local, Remote, EVDisconnected, PowerLoss, Reboot, EmergencyStop, Other",
            "StopTransaction", with_("StopTransaction", "reason", "Crash"))
     expect(OCC, "currentA must be list of 3 num", "MeterValues", with_("MeterValues", "currentA", [1, 2]))
     expect(T, "currentA must be a list", "MeterValues", with_("MeterValues", "currentA", 5))

@@ -81,6 +81,9 @@ class _Reader:
 
     errors: list[ConfigIssue] = field(default_factory=list)
     warnings: list[ConfigIssue] = field(default_factory=list)
+    # ("bus"|"circuit", name) declared in the file but invalid: already reported, so a
+    # column that names one gets no second, misleading "unknown" error.
+    broken: set[tuple[str, str]] = field(default_factory=set)
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(ConfigIssue(path, message))
@@ -259,6 +262,7 @@ def _buses(r: _Reader, raw: Any) -> dict[str, SerialBus]:
             r.error(path, "'" + str(name) + "' is not a valid bus name")
         t = r.table(value, path, ("device", "baud", "parity", "stopbits"))
         if t is None:
+            r.broken.add(("bus", str(name)))
             continue
         device = r.text(t, "device", path)
         baud = r.number(t, "baud", path, 1200, 921600, default=9600, integer=True)
@@ -266,6 +270,8 @@ def _buses(r: _Reader, raw: Any) -> dict[str, SerialBus]:
         stop = r.number(t, "stopbits", path, 1, 2, default=1, integer=True)
         if device is not None and baud is not None and parity is not None and stop is not None:
             buses[str(name)] = SerialBus(str(name), device, int(baud), parity, int(stop))
+        else:
+            r.broken.add(("bus", str(name)))
     return buses
 
 
@@ -282,15 +288,19 @@ def _circuits(r: _Reader, raw: Any, capacity: PhaseCurrents | None) -> dict[str,
             continue
         t = r.table(value, path, ("rating_a", "parent"))
         if t is None:
+            r.broken.add(("circuit", str(cid)))
             continue
         rating = r.per_phase(t, "rating_a", path)
         parent = r.text(t, "parent", path, default=SITE_NODE)
         if rating is not None and parent is not None:
             circuits[str(cid)] = Circuit(str(cid), rating, parent)
+        else:
+            r.broken.add(("circuit", str(cid)))
     bad: set[str] = set()
     for cid, circuit in circuits.items():
         if circuit.parent != SITE_NODE and circuit.parent not in circuits:
-            r.error("circuits." + cid + ".parent", "unknown circuit '" + circuit.parent + "'")
+            if ("circuit", circuit.parent) not in r.broken:
+                r.error("circuits." + cid + ".parent", "unknown circuit '" + circuit.parent + "'")
             bad.add(cid)
     for cid, circuit in circuits.items():
         seen = [cid]
@@ -325,7 +335,8 @@ def _link(r: _Reader, t: Mapping[str, Any], path: str, kinds: tuple[str, ...],
         bus = r.text(t, "bus", path)
         address = r.number(t, "address", path, 1, 247, integer=True)
         if bus is not None and bus not in buses:
-            r.error(_join(path, "bus"), "unknown bus '" + bus + "' (define it under [buses." + bus + "])")
+            if ("bus", bus) not in r.broken:
+                r.error(_join(path, "bus"), "unknown bus '" + bus + "' (define it under [buses." + bus + "])")
             return None
         return None if bus is None or address is None else ModbusRtuLink(bus, int(address))
     if kind in ("modbus-tcp", "cbor-tcp"):
@@ -399,7 +410,8 @@ def _columns(r: _Reader, raw: Any, circuits: Mapping[str, Circuit], buses: Mappi
             ids.setdefault(cid, i)
         circuit = r.text(t, "circuit", path, default=SITE_NODE)
         if circuit is not None and circuit != SITE_NODE and circuit not in circuits:
-            r.error(path + ".circuit", "unknown circuit '" + circuit + "'")
+            if ("circuit", circuit) not in r.broken:
+                r.error(path + ".circuit", "unknown circuit '" + circuit + "'")
             circuit = None
         phases = r.number(t, "phases", path, 1, 3, default=3, integer=True)
         if phases is not None and phases not in (1, 3):

@@ -209,3 +209,15 @@ def test_load_site_file_reports_unreadable_and_malformed_files(tmp_path: Path) -
         load_site_file(bad)
     assert info.value.errors[0].path == str(bad)
     assert "not valid TOML" in info.value.errors[0].message
+
+
+def test_a_broken_bus_or_circuit_is_reported_once_not_again_on_its_columns() -> None:
+    doc = with_changes((("buses", "rs485-a", "baud"), 7), (("circuits", "f1", "rating_a"), -5))
+    check = check_site(doc)
+    messages = [f"{e.path}: {e.message}" for e in check.errors]
+    assert any(m.startswith("buses.rs485-a.baud") for m in messages), messages
+    assert any(m.startswith("circuits.f1.rating_a") for m in messages), messages
+    assert not any("unknown bus" in m or "unknown circuit 'f1'" in m for m in messages), messages
+    # A name that is truly absent is still reported.
+    check = check_site(with_changes((("columns", 0, "bus"), "rs485-z")))
+    assert any("unknown bus 'rs485-z'" in e.message for e in check.errors)

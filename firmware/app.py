@@ -74,7 +74,7 @@ class App:
     # -- energy register: advances by the meter's positive deltas, persisted by the store
     def _account_energy(self, now_ms):
         meter = self.meter
-        if meter is None or meter.last_ok_ms is None:
+        if meter is None or meter.cycles == 0:  # no full reading yet: no baseline to count from
             return
         reading = meter.energy_wh
         if self._meter_prev_wh >= 0 and reading > self._meter_prev_wh:

@@ -7,6 +7,7 @@
 # and watchdog (feeds the WDT only while every other task has checked in since the
 # last feed, so a hung task resets the board).
 import asyncio
+import gc
 
 from firmware import clock
 from firmware.controller import Controller
@@ -15,12 +16,32 @@ from firmware.flash import FileFlash
 from firmware.hal import Hal
 from firmware.status import ERR_CONFIG
 
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = lambda x: x  # noqa: E731
+
 VERSION = (0, 1, 0)
-CONTROL_PERIOD_MS = 10
-WATCHDOG_PERIOD_MS = 1000
-_T_CONTROL = 1
-_T_METER = 2
-_T_LINK = 4
+CONTROL_PERIOD_MS = const(10)
+WATCHDOG_PERIOD_MS = const(1000)
+# The same periods in seconds for asyncio.sleep, made once: a float is a heap object.
+_CONTROL_PERIOD_S = CONTROL_PERIOD_MS / 1000
+_WATCHDOG_PERIOD_S = WATCHDOG_PERIOD_MS / 1000
+_T_CONTROL = const(1)
+_T_METER = const(2)
+_T_LINK = const(4)
+_EV_SESSION_START = const(1)   # firmware.session event kinds
+_EV_SESSION_STOP = const(2)
+
+
+def _load(*names):
+    """Import firmware modules one at a time with a collection after each: the garbage an
+    import leaves (its module body's code) is then reused by the next module's code
+    instead of staying as holes between long-lived objects, where a buffer of 1 KB would
+    no longer find room on a small heap."""
+    for name in names:
+        __import__("firmware." + name)
+        gc.collect()
 
 
 def _load_config_once(path):
@@ -46,6 +67,7 @@ class App:
         self.log = log or print
         self.config_path = config_path
         self.cfg, self.config_errors = _load_config_once(config_path)
+        gc.collect()  # the validator and the JSON text are gone: long-lived objects fill their room
         for err in self.config_errors:
             self.log("config error: " + err)
         self.hal = Hal(machine, pins, use_wdt=use_wdt)
@@ -74,8 +96,8 @@ class App:
     # -- energy register: advances by the meter's positive deltas, persisted by the store
     def _account_energy(self, now_ms):
         meter = self.meter
-        if meter is None or meter.cycles == 0:  # no full reading yet: no baseline to count from
-            return
+        if meter is None or meter.cycles == 0:
+            return  # no reading yet: its zero registers are no baseline
         reading = meter.energy_wh
         if self._meter_prev_wh >= 0 and reading > self._meter_prev_wh:
             self.energy_wh += reading - self._meter_prev_wh
@@ -83,14 +105,12 @@ class App:
         self._meter_prev_wh = reading
 
     def _drain_events(self, now_ms):
-        from firmware.session import EV_SESSION_START, EV_SESSION_STOP
-
         ev = self.ctl.events
         while len(ev):
             kind, session_id, energy_wh, reason = ev.pop()
-            if kind == EV_SESSION_START:
+            if kind == _EV_SESSION_START:
                 self.store.start_session(now_ms)
-            elif kind == EV_SESSION_STOP:
+            elif kind == _EV_SESSION_STOP:
                 self.store.stop_session(now_ms)
             if self.link is not None and hasattr(self.link, "on_event"):
                 self.link.on_event(kind, session_id, energy_wh, reason, now_ms)
@@ -131,23 +151,10 @@ class App:
                 await asyncio.sleep(0.05)  # let the link finish the reply
                 self.shutdown(now)
                 hal.reset()
-            await asyncio.sleep(CONTROL_PERIOD_MS / 1000)
+            await asyncio.sleep(_CONTROL_PERIOD_S)
 
-    async def meter_task(self, uart, de_pin):
-        from firmware.meter import Meter
-
-        def write(data):
-            if de_pin is not None:
-                de_pin.value(1)
-            uart.write(data)
-            if hasattr(uart, "flush"):
-                uart.flush()
-            if de_pin is not None:
-                de_pin.value(0)
-
-        cfg = self.cfg["meter"]
-        self.meter = meter = Meter(cfg["type"], cfg["address"], write,
-                                   stale_ms=int(self.cfg["meter_stale_s"]) * 1000)
+    async def meter_task(self, uart):
+        meter = self.meter
         rx = bytearray(64)
         while True:
             now = clock.ticks_ms()
@@ -163,7 +170,7 @@ class App:
             if self._alive & expected == expected:
                 self.hal.feed_watchdog()
                 self._alive = 0
-            await asyncio.sleep(WATCHDOG_PERIOD_MS / 1000)
+            await asyncio.sleep(_WATCHDOG_PERIOD_S)
 
     def link_alive(self):
         self._alive |= _T_LINK
@@ -176,43 +183,62 @@ class App:
         """Start every task; the HAL opens the UARTs named by the board's pin map."""
         cfg = self.cfg
         hal = self.hal
-        self.tasks = tasks = {"control": asyncio.create_task(self.control_task())}
-        expected = _T_CONTROL
-        if not self.config_errors:
-            uart, de = hal.uart("meter", cfg["meter"]["baud"])
-            tasks["meter"] = asyncio.create_task(self.meter_task(uart, de))
-            expected |= _T_METER
         # A broken config may have lost the link section or the bus address: the column
         # then stays safe and silent rather than guess where its gateway is.
         link = cfg.get("link") or {}
         mode = link.get("mode")
-        if mode in ("modbus-rtu", "modbus-tcp") and "bus_address" not in cfg:
+        modbus = mode in ("modbus-rtu", "modbus-tcp")
+        if modbus and "bus_address" not in cfg:
             mode = None
-        if mode in ("modbus-rtu", "modbus-tcp"):
+            modbus = False
+        # Load every module the column runs on (dependencies first, see _load), and build
+        # the meter reader and the link, before any task runs: code loaded between the
+        # tasks' allocations would leave the heap fragmented.
+        gc.collect()
+        if not self.config_errors:
+            _load("sdm", "meter")
+            from firmware.meter import Meter
+
+            meter_uart, meter_de = hal.uart("meter", cfg["meter"]["baud"])
+
+            def write(data):  # RS-485: drive the bus only while sending
+                if meter_de is not None:
+                    meter_de.value(1)
+                meter_uart.write(data)
+                if hasattr(meter_uart, "flush"):
+                    meter_uart.flush()
+                if meter_de is not None:
+                    meter_de.value(0)
+
+            m = cfg["meter"]
+            self.meter = Meter(m["type"], m["address"], write, stale_ms=int(cfg["meter_stale_s"]) * 1000)
+        if modbus:
+            _load("regmap", "image", "modbus", "modbus_slave", "gw_modbus")
+            if mode == "modbus-tcp":
+                _load("modbus_tcp")  # for the clients to come
             from firmware.gw_modbus import ModbusLink
 
             self.link = ModbusLink(self, cfg["bus_address"])
-            if mode == "modbus-rtu":
-                uart, de = hal.uart("link", link["baud"])
-                tasks["link"] = asyncio.create_task(self.link.serve_rtu(uart, de, clock, asyncio,
-                                                                        self.link_alive))
-                expected |= _T_LINK
-            else:
-                await self.link.serve_tcp(link["tcp_port"], clock, asyncio,
-                                          link.get("host", "0.0.0.0"))
         elif mode in ("cbor-serial", "cbor-tcp"):
+            _load("cbor", "frames", "messages", "cbor_link", "gw_cbor")
             from firmware.gw_cbor import CborLink
 
             self.link = CborLink(self)
-            if mode == "cbor-serial":
-                uart, de = hal.uart("link", link["baud"])
-                tasks["link"] = asyncio.create_task(self.link.serve_serial(uart, de, clock, asyncio,
-                                                                           self.link_alive))
-                expected |= _T_LINK
-            else:
-                await self.link.serve_tcp(link["tcp_port"], clock, asyncio, link.get("host", "0.0.0.0"))
         else:
             self.log("unknown link mode %s: the column runs without a gateway link" % mode)
+        gc.collect()
+        self.tasks = tasks = {"control": asyncio.create_task(self.control_task())}
+        expected = _T_CONTROL
+        if not self.config_errors:
+            tasks["meter"] = asyncio.create_task(self.meter_task(meter_uart))
+            expected |= _T_METER
+        if mode in ("modbus-rtu", "cbor-serial"):
+            uart, de = hal.uart("link", link["baud"])
+            serve = self.link.serve_rtu if modbus else self.link.serve_serial
+            tasks["link"] = asyncio.create_task(serve(uart, de, clock, asyncio, self.link_alive))
+            expected |= _T_LINK
+        elif self.link is not None:  # modbus-tcp, cbor-tcp: the gateway connects to us
+            await self.link.serve_tcp(link["tcp_port"], clock, asyncio, link.get("host", "0.0.0.0"))
         tasks["watchdog"] = asyncio.create_task(self.watchdog_task(expected))
         await asyncio.gather(*tasks.values())
 

@@ -60,9 +60,6 @@ class Link:
         """A new connection: forget any partial frame (pending calls run to their timeout)."""
         self.reader.reset()
 
-    def _count(self, name):
-        self.counters[name] += 1
-
     def pending_calls(self):
         return len(self._pending) - self._pending.count(None)
 
@@ -90,11 +87,11 @@ class Link:
         for i in range(len(self._pending)):
             slot = self._pending[i]
             if slot is not None and _elapsed(now_ms, slot[2]) >= self.call_timeout_ms:
-                self._count("timeouts")
+                self.counters["timeouts"] += 1
                 self._resolve(i, None)
         reader = self.reader
         if reader.pending and _elapsed(now_ms, self._rx_ms) >= self.frame_gap_ms:
-            self._count("rx_stale")
+            self.counters["rx_stale"] += 1
             while reader.pending:
                 reader.abort()
                 self._drain(now_ms)
@@ -104,17 +101,17 @@ class Link:
             frame = self.reader.next_frame()
             if frame is None:
                 return
-            self._count("rx_frames")
+            self.counters["rx_frames"] += 1
             try:
                 self._on_frame(frame, now_ms)
             except Exception:  # a bug here must not stop the link
-                self._count("internal_errors")
+                self.counters["internal_errors"] += 1
 
     def _on_frame(self, frame, now_ms):
         try:
             msg = cbor.loads(frame)
         except CBORError as exc:
-            self._count("bad_cbor")
+            self.counters["bad_cbor"] += 1
             msg_id = _call_id(frame)
             if msg_id is not None:
                 self._send_error(msg_id, messages.FORMATION_VIOLATION, "malformed CBOR: %s" % exc)
@@ -122,7 +119,7 @@ class Link:
         try:
             messages.parse(msg)
         except MessageError as exc:
-            self._count("unknown_actions" if exc.code == messages.NOT_IMPLEMENTED else "bad_messages")
+            self.counters["unknown_actions" if exc.code == messages.NOT_IMPLEMENTED else "bad_messages"] += 1
             if exc.frame_type == CALL:
                 self._send_error(exc.msg_id, exc.code, exc.description)
             elif exc.frame_type is not None:
@@ -132,56 +129,57 @@ class Link:
                     self._resolve(i, exc)
             return
         kind = msg[0]
-        if kind == CALL:
-            self._on_call(msg[1], msg[2], msg[3], now_ms)
+        if kind == CALL:  # serve it and answer
+            msg_id = msg[1]
+            action = msg[2]
+            handler = self.handlers.get(action)
+            if handler is None or messages.direction(action) == self.side:
+                self.counters["unsupported"] += 1
+                self._send_error(msg_id, messages.NOT_SUPPORTED, "%s is not served here" % action)
+                return
+            self.counters["rx_calls"] += 1
+            try:
+                res = handler(msg[3], now_ms)
+            except MessageError as exc:
+                self._send_error(msg_id, exc.code, exc.description)
+                return
+            except Exception as exc:
+                self.counters["handler_errors"] += 1
+                self._send_error(msg_id, messages.INTERNAL_ERROR,
+                                 "%s failed: %s" % (action, type(exc).__name__))
+                return
+            if res is None:
+                res = {}
+            try:
+                messages.validate_payload(action, res, True)
+            except MessageError as exc:
+                self.counters["handler_errors"] += 1
+                self._send_error(msg_id, messages.INTERNAL_ERROR,
+                                 "invalid %s result: %s" % (action, exc.description))
+                return
+            if not self._send(messages.result(msg_id, res)):
+                self._send_error(msg_id, messages.INTERNAL_ERROR,
+                                 "%s result could not be sent" % action)
             return
         i = self._slot(msg[1])
         if i < 0:
-            self._count("unmatched")
+            self.counters["unmatched"] += 1
         elif kind == RESULT:
             try:
                 messages.validate_payload(self._pending[i][1], msg[2], True)
             except MessageError as exc:
-                self._count("bad_messages")
+                self.counters["bad_messages"] += 1
                 self._resolve(i, exc)
                 return
-            self._count("rx_results")
+            self.counters["rx_results"] += 1
             self._resolve(i, msg[2])
         else:
-            self._count("rx_errors")
+            self.counters["rx_errors"] += 1
             exc = MessageError(msg[2], msg[3])
             exc.msg_id = msg[1]
             exc.frame_type = kind
             exc.details = msg[4]
             self._resolve(i, exc)
-
-    def _on_call(self, msg_id, action, payload, now_ms):
-        handler = self.handlers.get(action)
-        if handler is None or messages.direction(action) == self.side:
-            self._count("unsupported")
-            self._send_error(msg_id, messages.NOT_SUPPORTED, "%s is not served here" % action)
-            return
-        self._count("rx_calls")
-        try:
-            res = handler(payload, now_ms)
-        except MessageError as exc:
-            self._send_error(msg_id, exc.code, exc.description)
-            return
-        except Exception as exc:
-            self._count("handler_errors")
-            self._send_error(msg_id, messages.INTERNAL_ERROR, "%s failed: %s" % (action, type(exc).__name__))
-            return
-        if res is None:
-            res = {}
-        try:
-            messages.validate_payload(action, res, True)
-        except MessageError as exc:
-            self._count("handler_errors")
-            self._send_error(msg_id, messages.INTERNAL_ERROR,
-                             "invalid %s result: %s" % (action, exc.description))
-            return
-        if not self._send(messages.result(msg_id, res)):
-            self._send_error(msg_id, messages.INTERNAL_ERROR, "%s result could not be sent" % action)
 
     # --- sending --------------------------------------------------------------------
 
@@ -192,7 +190,7 @@ class Link:
         (an error frame, or an invalid result), or None when the call timed out."""
         i = self._pending.index(None) if None in self._pending else -1
         if i < 0 or messages.direction(action) != self.side:
-            self._count("calls_refused")
+            self.counters["calls_refused"] += 1
             return None
         msg_id = self._next_id
         while self._slot(msg_id) >= 0:
@@ -201,10 +199,10 @@ class Link:
         try:
             msg = messages.call(msg_id, action, payload)
         except MessageError:
-            self._count("calls_refused")
+            self.counters["calls_refused"] += 1
             return None
         if not self._send(msg):
-            self._count("calls_refused")
+            self.counters["calls_refused"] += 1
             return None
         self._pending[i] = [msg_id, action, now_ms, on_result]
         return msg_id
@@ -214,15 +212,15 @@ class Link:
             frame = encode_frame(cbor.dumps(msg), self.max_payload)
             self._write(frame)
         except Exception:  # unencodable, too long, or the transport failed
-            self._count("tx_failures")
+            self.counters["tx_failures"] += 1
             return False
-        self._count("tx_frames")
+        self.counters["tx_frames"] += 1
         return True
 
     def _send_error(self, msg_id, code, description):
         if code not in messages.ERROR_CODES:  # a handler's own code: not in the contract
             code = messages.GENERIC_ERROR
-        self._count("errors_sent")
+        self.counters["errors_sent"] += 1
         self._send(messages.error(msg_id, code, str(description)[:200]))
 
     # --- pending calls --------------------------------------------------------------
@@ -241,7 +239,7 @@ class Link:
             try:
                 callback(answer)
             except Exception:
-                self._count("callback_errors")
+                self.counters["callback_errors"] += 1
 
 
 def _call_id(frame):

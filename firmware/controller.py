@@ -22,25 +22,27 @@ from firmware.session import DIODE_MISSING, DIODE_OK, DIODE_UNKNOWN, Session
 from firmware.status import CP_A, ERR_NONE, SRC_SAFETY
 
 # Every config key the control core reads, with its default (amps, seconds, percent).
-# firmware/config.py validates a column's config against these keys.
-DEFAULTS = {
-    "hardware_rating_a": 32,          # what the column's own parts carry
-    "installation_rating_a": 32,      # the supply circuit the column sits on
-    "failsafe_a": 6,                  # without a valid gateway limit (until it pre-assigns one)
-    "heartbeat_timeout_s": 60,        # gateway silent this long -> failsafe
-    "min_pause_s": 300,               # a pause that interrupted an offer lasts at least this long
-    "overdraw_tolerance_pct": 10,     # overdraw: above offered + pct % + offset ...
-    "overdraw_offset_a": 0.5,
-    "overdraw_grace_s": 7,            # ... for longer than this -> suspended until unplug
-    "meter_stale_s": 5,               # meter not ok this long -> pause (PowerMeterFailure)
-    "cp_debounce_ms": 40,             # CP state (and missing diode) must hold this long
-    "pwm_min_change_interval_s": 5,   # increases at most this often; decreases at once
-    "contactor_feedback_ms": 300,     # feedback disagreeing this long -> ContactorFailure
+# firmware/config.py validates a column's config against these keys. Written as keyword
+# arguments on purpose: the keys become interned names (qstrs), which every module
+# loaded later shares, where string literals would cost each module its own copies.
+DEFAULTS = dict(
+    hardware_rating_a=32,          # what the column's own parts carry
+    installation_rating_a=32,      # the supply circuit the column sits on
+    failsafe_a=6,                  # without a valid gateway limit (until it pre-assigns one)
+    heartbeat_timeout_s=60,        # gateway silent this long -> failsafe
+    min_pause_s=300,               # a pause that interrupted an offer lasts at least this long
+    overdraw_tolerance_pct=10,     # overdraw: above offered + pct % + offset ...
+    overdraw_offset_a=0.5,
+    overdraw_grace_s=7,            # ... for longer than this -> suspended until unplug
+    meter_stale_s=5,               # meter not ok this long -> pause (PowerMeterFailure)
+    cp_debounce_ms=40,             # CP state (and missing diode) must hold this long
+    pwm_min_change_interval_s=5,   # increases at most this often; decreases at once
+    contactor_feedback_ms=300,     # feedback disagreeing this long -> ContactorFailure
     # Read by the energy store and the meter driver, not by the control step:
-    "energy_quantum_wh": 10,          # energy register written after this much ...
-    "energy_quantum_s": 60,           # ... or this long after a change
-    "meter": {"address": 1, "baud": 9600},   # Eastron default bus settings
-}
+    energy_quantum_wh=10,          # energy register written after this much ...
+    energy_quantum_s=60,           # ... or this long after a change
+    meter=dict(address=1, baud=9600),   # Eastron default bus settings
+)
 
 
 class Controller:
@@ -52,19 +54,32 @@ class Controller:
                     c[key] = cfg[key]
         self.cfg = c
         self.cp_detector = CpDetector(int(c["cp_debounce_ms"]))
-        self.limits = LimitArbiter(c)
-        self.session = Session(c, next_session_id)
-        self.events = self.session.events
+        lim = self.limits = LimitArbiter(c)
+        sess = self.session = Session(c, next_session_id)
+        self.events = sess.events
         self._fail_error = ERR_NONE
+        # Commands from the gateway link and the app go straight to the part that owns
+        # them: bound methods cost a board less RAM than wrapper functions.
+        # assign_limit(limit_da, validity_s, now_ms) -> the limit applied (capped, 0 =
+        # pause) or limits.REJECTED (-1); validity_s == 0 clears the assignment.
+        self.assign_limit = lim.assign
+        self.clear_assignment = lim.clear_assignment
+        # set_failsafe(limit_da): pre-assigned failsafe, capped by the ratings; returns it
+        # or limits.REJECTED.
+        self.set_failsafe = lim.set_failsafe
+        self.heartbeat = lim.heartbeat          # heartbeat(now_ms)
+        self.set_enabled = lim.set_enabled      # set_enabled(flag)
+        self.remote_stop = sess.remote_stop
+        self.record_power_loss = sess.record_power_loss  # (session_id, energy_wh)
         # Outputs (all set by step()).
         self.duty = DUTY_NO_CURRENT
         self.pwm_on = False
         self.contactor_on = False
-        self.status = self.session.status
+        self.status = sess.status
         self.error = ERR_NONE
         self.offered_da = 0            # what the pilot signals now (0 when PWM is off)
         self.limit_da = 0              # what the limits allow (offered when a car is there)
-        self.limit_source = self.limits.source
+        self.limit_source = lim.source
         self.paused = False
         self.failsafe_active = True
         self.cp_raw = CP_A
@@ -75,31 +90,6 @@ class Controller:
         self.session_id = 0            # current or last session (0 = none yet)
         self.session_energy_wh = 0     # energy of the current or last session
         self.session_active = False
-
-    # --- commands from the gateway link / the app -------------------------------------
-    def assign_limit(self, limit_da, validity_s, now_ms):
-        """Returns the limit applied (capped, 0 = pause) or limits.REJECTED (-1);
-        validity_s == 0 clears the assignment (see LimitArbiter.assign)."""
-        return self.limits.assign(limit_da, validity_s, now_ms)
-
-    def clear_assignment(self):
-        self.limits.clear_assignment()
-
-    def set_failsafe(self, limit_da):
-        """Pre-assigned failsafe, capped by the ratings; returns it or limits.REJECTED."""
-        return self.limits.set_failsafe(limit_da)
-
-    def heartbeat(self, now_ms):
-        self.limits.heartbeat(now_ms)
-
-    def set_enabled(self, flag):
-        self.limits.set_enabled(flag)
-
-    def remote_stop(self):
-        self.session.remote_stop()
-
-    def record_power_loss(self, session_id, energy_wh):
-        self.session.record_power_loss(session_id, energy_wh)
 
     def fail(self, error):
         """Latch an internal/config error: Faulted, state F, contactor open until reboot."""
@@ -131,7 +121,7 @@ class Controller:
         self.i_max_da = imax
 
         lim = self.limits
-        lim.set_cable_da(cable)
+        lim.cable_da = cable
         if cp == CP_A:
             lim.end_session()
         lim.supervise(now_ms, imax, meter_ok, self.offered_da)

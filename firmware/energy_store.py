@@ -41,12 +41,6 @@ SLOT_MISSING = const(1)
 SLOT_CORRUPT = const(2)
 
 
-def _newer(seq_a, seq_b):
-    """True if seq_a is after seq_b in u32 serial arithmetic (survives the wrap)."""
-    d = (seq_a - seq_b) & _U32
-    return 0 < d <= _HALF
-
-
 class EnergyStore:
     """Lifetime import energy (Wh) and session counters on a two-slot flash (see flash.py)."""
 
@@ -110,7 +104,8 @@ class EnergyStore:
         b = self._parse(1)
         best = a
         slot = 0
-        if b is not None and (a is None or _newer(b[3], a[3])):
+        # b wins if its sequence number is after a's in u32 serial arithmetic (survives the wrap).
+        if b is not None and (a is None or 0 < (b[3] - a[3]) & _U32 <= _HALF):
             best = b
             slot = 1
         self._loaded = True
@@ -166,13 +161,6 @@ class EnergyStore:
         self.writes += 1
         return True
 
-    def _elapsed(self, now_ms, then_ms):
-        """now - then; a clock that wrapped or went back counts as a full quantum."""
-        d = elapsed_ms(now_ms, then_ms)
-        if d < 0:
-            return self.quantum_ms
-        return d
-
     def update(self, energy_wh, now_ms):
         """Take a new register reading (Wh). Returns True if it was written to flash.
 
@@ -198,10 +186,12 @@ class EnergyStore:
             self._last_ms = now_ms  # the time quantum starts with the first reading
         if energy_wh == self._written_wh and not self._dirty:
             return False
-        if self._fail_ms is not None and self._elapsed(now_ms, self._fail_ms) < self.quantum_ms:
+        # Time since the last failed write / the last write; a clock that wrapped or went
+        # back counts as a full quantum.
+        if self._fail_ms is not None and 0 <= elapsed_ms(now_ms, self._fail_ms) < self.quantum_ms:
             return False  # the flash just failed: retry once per time quantum, not every reading
-        if energy_wh - self._written_wh >= self.quantum_wh \
-                or self._elapsed(now_ms, self._last_ms) >= self.quantum_ms:
+        d = elapsed_ms(now_ms, self._last_ms)
+        if energy_wh - self._written_wh >= self.quantum_wh or d < 0 or d >= self.quantum_ms:
             return self._write(now_ms)
         return False
 

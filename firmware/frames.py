@@ -80,48 +80,45 @@ class FrameReader:
         """Give up on the partial frame (the line went quiet): drop its SYNC and hunt on."""
         self._release()
         if self._n:
-            self._resync()
+            self.garbage_bytes += 1
+            self._drop(1)
 
     def next_frame(self):
         buf = self._buf
         self._release()
         while True:
-            if self._n == 0 and not self._hunt():
-                return None
+            if self._n == 0:
+                # Hunt: skip source bytes up to a SYNC and start a frame with it.
+                src = self._src
+                pos = self._pos
+                end = self._end
+                while pos < end and src[pos] != SYNC:
+                    pos += 1
+                self.garbage_bytes += pos - self._pos
+                if pos == end:
+                    self._pos = pos
+                    return None
+                buf[0] = SYNC
+                self._n = 1
+                self._pos = pos + 1
             if self._n < _HEADER and not self._fill(_HEADER):
                 return None
             length = (buf[1] << 8) | buf[2]
             if length == 0 or length > self.max_payload:
                 self.oversize += 1
-                self._resync()
-                continue
-            if not self._fill(length + OVERHEAD):
-                return None
-            crc = crc16(buf, 1, _HEADER + length)
-            if buf[_HEADER + length] != crc & 0xFF or buf[_HEADER + length + 1] != crc >> 8:
+            else:
+                if not self._fill(length + OVERHEAD):
+                    return None
+                crc = crc16(buf, 1, _HEADER + length)
+                if buf[_HEADER + length] == crc & 0xFF and buf[_HEADER + length + 1] == crc >> 8:
+                    # Bytes after the frame (read ahead before a resync) stay until the next call.
+                    self._done = length + OVERHEAD
+                    self.frames += 1
+                    return self._mv[_HEADER:_HEADER + length]
                 self.bad_crc += 1
-                self._resync()
-                continue
-            # Bytes after the frame (read ahead before a resync) stay until the next call.
-            self._done = length + OVERHEAD
-            self.frames += 1
-            return self._mv[_HEADER:_HEADER + length]
-
-    def _hunt(self):
-        """Skip source bytes up to a SYNC and start a frame with it."""
-        src = self._src
-        pos = self._pos
-        end = self._end
-        while pos < end:
-            if src[pos] == SYNC:
-                self._buf[0] = SYNC
-                self._n = 1
-                self._pos = pos + 1
-                return True
-            pos += 1
+            # A false SYNC: drop it and hunt for the next one in the buffer.
             self.garbage_bytes += 1
-        self._pos = pos
-        return False
+            self._drop(1)
 
     def _fill(self, count):
         """Copy source bytes into the buffer until it holds count bytes; True when it does."""
@@ -144,11 +141,6 @@ class FrameReader:
             done = self._done
             self._done = 0
             self._drop(done)
-
-    def _resync(self):
-        """Drop the (false) SYNC at buf[0] and hunt for the next one in the buffer."""
-        self.garbage_bytes += 1
-        self._drop(1)
 
     def _drop(self, k):
         """Drop k bytes from the front, then any non-SYNC bytes (garbage) after them."""

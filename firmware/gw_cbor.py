@@ -3,18 +3,27 @@
 # link mode is cbor-serial or cbor-tcp. The column announces itself (BootNotification),
 # keeps the gateway informed (StatusNotification on change, MeterValues periodically,
 # Start/StopTransaction from session events, Heartbeat) and serves the gateway's calls.
+# Payloads are built as dict(name=value): their keys are then interned names, shared with
+# firmware/messages.py, instead of string objects each module would keep its own copy of.
 from firmware.cbor_link import Link
 from firmware.clock import elapsed_ms
 from firmware.messages import MessageError
+from firmware.session import STOP_REASON_NAMES
 from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
 
-_BOOT_RETRY_MS = 10000
-_METER_VALUES_MS = 10000
-_STATUS_MIN_MS = 1000      # offered-current-only changes are reported at most this often
-_EV_START = 1              # firmware.session event kinds
-_EV_STOP = 2
-# firmware.session stop reason code -> contract name
-STOP_NAMES = ("Other", "EVDisconnected", "Remote", "PowerLoss", "EmergencyStop")
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = lambda x: x  # noqa: E731
+
+_BOOT_RETRY_MS = const(10000)
+_METER_VALUES_MS = const(10000)
+_STATUS_MIN_MS = const(1000)   # offered-current-only changes are reported at most this often
+_EV_START = const(1)           # firmware.session.EV_SESSION_START
+_EV_STOP = const(2)            # firmware.session.EV_SESSION_STOP
+# firmware.session stop reason code -> contract name (messages.STOP_REASONS); "Other" for
+# STOP_NONE, which no stop event carries.
+STOP_NAMES = ("Other",) + STOP_REASON_NAMES[1:]
 # Keys a gateway may change at run time; anything else is refused (ratings above all).
 _CHANGEABLE = ("failsafe_a", "heartbeat_timeout_s", "min_pause_s", "meter_stale_s")
 
@@ -22,20 +31,20 @@ _CHANGEABLE = ("failsafe_a", "heartbeat_timeout_s", "min_pause_s", "meter_stale_
 class CborLink:
     def __init__(self, app):
         self.app = app
-        self.link = Link(self._write, {
-            "SetChargingLimit": self._set_limit,
-            "GetConfiguration": self._get_configuration,
-            "ChangeConfiguration": self._change_configuration,
-            "Reset": self._reset,
-            "TriggerMessage": self._trigger,
-        })
+        self.link = Link(self._write, dict(
+            SetChargingLimit=self._set_limit,
+            GetConfiguration=self._get_configuration,
+            ChangeConfiguration=self._change_configuration,
+            Reset=self._reset,
+            TriggerMessage=self._trigger,
+        ))
         self._out = None            # the transport's write(bytes), None while disconnected
         self.accepted = False       # BootNotification accepted by the gateway
         self._boot_ms = None
         self._heartbeat_ms = 60000
         self._hb_sent_ms = 0
         self._mv_sent_ms = 0
-        self._status = None         # last StatusNotification key sent
+        self._status = None         # (status, error, cp, source, offered) last reported
         self._status_ms = 0
         self._seq = 0
         self._triggered = []        # messages asked for by TriggerMessage, sent after its result
@@ -47,15 +56,12 @@ class CborLink:
         self._out(data)
 
     def connected(self, write, now_ms):
+        """A transport is up (write(bytes) sends): boot again on it."""
         self._out = write
         self.link.reset()
         self.accepted = False
         self._boot_ms = None
         self._status = None
-
-    def disconnected(self):
-        self._out = None
-        self.accepted = False
 
     def on_bytes(self, data, now_ms):
         if self.accepted and not self.app.config_errors:
@@ -71,15 +77,17 @@ class CborLink:
         if not self.accepted:
             if self._boot_ms is None or elapsed_ms(now_ms, self._boot_ms) >= _BOOT_RETRY_MS:
                 self._boot_ms = now_ms
-                link.call("BootNotification", self._boot_payload(), now_ms, self._on_boot)
+                self._send("BootNotification", now_ms)
             return
         while self._triggered:
             self._send(self._triggered.pop(0), now_ms)
         if elapsed_ms(now_ms, self._hb_sent_ms) >= self._heartbeat_ms:
             self._send("Heartbeat", now_ms)
-        key = self._status_key()
-        if key != self._status and (self._status is None or key[:4] != self._status[:4]
-                                    or elapsed_ms(now_ms, self._status_ms) >= _STATUS_MIN_MS):
+        ctl = self.app.ctl
+        last = self._status
+        if last is None or last[0] != ctl.status or last[1] != ctl.error or last[2] != ctl.cp_state \
+                or last[3] != ctl.limit_source or (last[4] != ctl.offered_da and elapsed_ms(
+                    now_ms, self._status_ms) >= _STATUS_MIN_MS):
             self._send("StatusNotification", now_ms)
         if elapsed_ms(now_ms, self._mv_sent_ms) >= _METER_VALUES_MS:
             self._send("MeterValues", now_ms)
@@ -88,63 +96,60 @@ class CborLink:
         if self._out is None:
             return  # the energy register and the session counters are on flash already
         if kind == _EV_START:
-            self.link.call("StartTransaction", {"sessionId": session_id, "meterStartWh": energy_wh},
+            self.link.call("StartTransaction", dict(sessionId=session_id, meterStartWh=energy_wh),
                            now_ms)
         elif kind == _EV_STOP:
             name = STOP_NAMES[reason] if 0 <= reason < len(STOP_NAMES) else "Other"
-            self.link.call("StopTransaction", {"sessionId": session_id, "meterStopWh": energy_wh,
-                                               "reason": name}, now_ms)
+            self.link.call("StopTransaction", dict(sessionId=session_id, meterStopWh=energy_wh,
+                                                   reason=name), now_ms)
 
     # -- messages we send ----------------------------------------------------------------
-    def _boot_payload(self):
-        app = self.app
-        cfg = app.cfg
-        payload = {"columnId": str(cfg.get("column_id", "unconfigured")),
-                   "firmwareVersion": "%d.%d.%d" % app.version, "model": "evedge-column",
-                   "phases": cfg.get("phases", 3) if cfg.get("phases") in (1, 3) else 3,
-                   "hardwareRatingA": min(80, max(0, cfg.get("hardware_rating_a", 0))),
-                   "busAddress": cfg.get("bus_address", 0)}
-        if app.config_errors:
-            payload["configError"] = "; ".join(app.config_errors)[:200]
-        return payload
-
-    def _on_boot(self, answer):
-        if isinstance(answer, dict) and answer.get("status") == "Accepted":
-            self.accepted = True
-            self._heartbeat_ms = answer["heartbeatIntervalS"] * 1000
-
-    def _status_key(self):
-        ctl = self.app.ctl
-        return (ctl.status, ctl.error, ctl.cp_state, ctl.limit_source, ctl.offered_da)
-
     def _send(self, action, now_ms):
+        """Send BootNotification, Heartbeat, StatusNotification or MeterValues."""
         app = self.app
         ctl = app.ctl
-        if action == "Heartbeat":
+        on_result = None
+        if action == "BootNotification":
+            if self.accepted:  # asked for by TriggerMessage: boot again from the start
+                self.accepted = False
+                self._boot_ms = None
+                return
+            cfg = app.cfg
+            phases = cfg.get("phases", 3)
+            payload = dict(columnId=str(cfg.get("column_id", "unconfigured")),
+                           firmwareVersion="%d.%d.%d" % app.version, model="evedge-column",
+                           phases=phases if phases in (1, 3) else 3,
+                           hardwareRatingA=min(80, max(0, cfg.get("hardware_rating_a", 0))),
+                           busAddress=cfg.get("bus_address", 0))
+            if app.config_errors:
+                payload["configError"] = "; ".join(app.config_errors)[:200]
+            on_result = self._on_boot
+        elif action == "Heartbeat":
             self._hb_sent_ms = now_ms
             payload = {}
         elif action == "StatusNotification":
-            self._status = self._status_key()
+            self._status = (ctl.status, ctl.error, ctl.cp_state, ctl.limit_source, ctl.offered_da)
             self._status_ms = now_ms
-            payload = {"status": STATUS_NAMES[ctl.status], "errorCode": ERROR_NAMES[ctl.error],
-                       "cpState": CP_NAMES[ctl.cp_state], "offeredA": ctl.offered_da / 10,
-                       "limitSource": LIMIT_SOURCE_NAMES[ctl.limit_source]}
+            payload = dict(status=STATUS_NAMES[ctl.status], errorCode=ERROR_NAMES[ctl.error],
+                           cpState=CP_NAMES[ctl.cp_state], offeredA=ctl.offered_da / 10,
+                           limitSource=LIMIT_SOURCE_NAMES[ctl.limit_source])
         elif action == "MeterValues":
             self._mv_sent_ms = now_ms
             self._seq = (self._seq + 1) & 0x7FFFFFFF
             m = app.meter
             cur = [m.current_da[i] / 10 for i in range(3)] if m is not None else [0, 0, 0]
             volt = [m.voltage_dv[i] / 10 for i in range(3)] if m is not None else [0, 0, 0]
-            payload = {"energyWh": app.energy_wh, "sessionEnergyWh": ctl.session_energy_wh,
-                       "powerW": m.power_w if m is not None else 0, "currentA": cur,
-                       "voltageV": volt, "offeredA": ctl.offered_da / 10, "seq": self._seq}
-        elif action == "BootNotification":
-            self.accepted = False
-            self._boot_ms = None
-            return
+            payload = dict(energyWh=app.energy_wh, sessionEnergyWh=ctl.session_energy_wh,
+                           powerW=m.power_w if m is not None else 0, currentA=cur,
+                           voltageV=volt, offeredA=ctl.offered_da / 10, seq=self._seq)
         else:
             return
-        self.link.call(action, payload, now_ms)
+        self.link.call(action, payload, now_ms, on_result)
+
+    def _on_boot(self, answer):
+        if isinstance(answer, dict) and answer.get("status") == "Accepted":
+            self.accepted = True
+            self._heartbeat_ms = answer["heartbeatIntervalS"] * 1000
 
     # -- calls we serve ------------------------------------------------------------------
     def _refuse_if_unconfigured(self):
@@ -156,49 +161,49 @@ class CborLink:
         self._refuse_if_unconfigured()
         ctl = self.app.ctl
         ctl.heartbeat(now_ms)
-        if "failsafeA" in payload and ctl.set_failsafe(int(payload["failsafeA"] * 10)) < 0:
-            return {"status": "Rejected", "appliedA": 0}
-        applied = ctl.assign_limit(int(payload["limitA"] * 10), payload["validityS"], now_ms)
+        applied = -1
+        if "failsafeA" not in payload or ctl.set_failsafe(int(payload["failsafeA"] * 10)) >= 0:
+            applied = ctl.assign_limit(int(payload["limitA"] * 10), payload["validityS"], now_ms)
         if applied < 0:
-            return {"status": "Rejected", "appliedA": 0}
-        return {"status": "Accepted", "appliedA": applied / 10}
+            return dict(status="Rejected", appliedA=0)
+        return dict(status="Accepted", appliedA=applied / 10)
 
     def _get_configuration(self, payload, now_ms):
         cfg = self.app.cfg
-        keys = payload.get("keys") or list(cfg.keys())
         known = {}
         unknown = []
-        for key in keys:
+        for key in payload.get("keys") or list(cfg.keys()):
             if key in cfg:
                 known[key] = cfg[key]
             else:
                 unknown.append(key)
-        return {"configuration": known, "unknownKeys": unknown}
+        return dict(configuration=known, unknownKeys=unknown)
 
     def _change_configuration(self, payload, now_ms):
         self._refuse_if_unconfigured()
         key = payload["key"]
         if key not in _CHANGEABLE:
-            return {"status": "NotSupported"}
+            return dict(status="NotSupported")
         from firmware.config import save_config
 
-        new = dict(self.app.cfg)
+        app = self.app
+        new = dict(app.cfg)
         new[key] = payload["value"]
-        if save_config(self.app.config_path, new):
-            return {"status": "Rejected"}  # invalid value: nothing written, nothing changed
-        self.app.cfg = new
+        if save_config(app.config_path, new):
+            return dict(status="Rejected")  # invalid value: nothing written, nothing changed
+        app.cfg = new
         if key == "failsafe_a":
-            self.app.ctl.set_failsafe(int(payload["value"] * 10))
-            return {"status": "Accepted"}
-        return {"status": "RebootRequired"}
+            app.ctl.set_failsafe(int(payload["value"] * 10))
+            return dict(status="Accepted")
+        return dict(status="RebootRequired")
 
     def _reset(self, payload, now_ms):
         self.app.request_reset()
-        return {"status": "Accepted"}
+        return dict(status="Accepted")
 
     def _trigger(self, payload, now_ms):
         self._triggered.append(payload["requestedMessage"])
-        return {"status": "Accepted"}
+        return dict(status="Accepted")
 
     # -- transports ----------------------------------------------------------------------
     async def serve_serial(self, uart, de_pin, clock, asyncio, alive):
@@ -235,7 +240,8 @@ class CborLink:
             except OSError:
                 pass
             finally:
-                self.disconnected()
+                self._out = None  # disconnected: wait for the next gateway
+                self.accepted = False
                 pump.cancel()
                 writer.close()
 

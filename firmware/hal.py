@@ -16,11 +16,11 @@ PP_OPEN_RAW = const(65000)          # above this the PP line is open: no cable
 _CP_SAMPLES = const(8)              # spread over at least one 1 kHz PWM period
 _PWM_FREQ = const(1000)
 
-PINS = {
-    "cp_pwm": 25, "cp_adc": 34, "pp_adc": 35, "contactor": 26, "contactor_fb": 27,
-    "rcd": 14, "meter_uart": 1, "meter_tx": 17, "meter_rx": 16, "meter_de": 4,
-    "link_uart": 2, "link_tx": 22, "link_rx": 21, "link_de": 5,
-}
+PINS = dict(
+    cp_pwm=25, cp_adc=34, pp_adc=35, contactor=26, contactor_fb=27, rcd=14,
+    meter_uart=1, meter_tx=17, meter_rx=16, meter_de=4,
+    link_uart=2, link_tx=22, link_rx=21, link_de=5,
+)
 
 
 def cp_raw_to_mv(raw):
@@ -50,8 +50,9 @@ class Hal:
     """Owns every pin. Reads return ints; writes take ints (duty in 0.01 %)."""
 
     def __init__(self, machine, pins=None, wdt_timeout_ms=5000, use_wdt=True):
-        p = dict(PINS)
-        if pins:
+        p = PINS
+        if pins:  # a copy only when the config overrides entries
+            p = dict(PINS)
             p.update(pins)
         self.pins = p
         self._machine = machine

@@ -51,7 +51,9 @@ class LimitArbiter:
         if self.hardware_da > MAX_CURRENT_DA:
             self.hardware_da = MAX_CURRENT_DA
         self.installation_da = amps_to_da(cfg["installation_rating_a"])
-        self.cable_da = MAX_CURRENT_DA
+        # The ratings never change at run time: the cap on any assigned limit.
+        self._cap_da = min(self.hardware_da, self.installation_da)
+        self.cable_da = MAX_CURRENT_DA  # set by the controller every step (0: no cable)
         self.failsafe_da = 0
         self._hb_timeout_ms = int(cfg["heartbeat_timeout_s"] * 1000)
         self._min_pause_ms = int(cfg["min_pause_s"] * 1000)
@@ -93,12 +95,6 @@ class LimitArbiter:
         self.rejected_count = 0
 
     # --- inputs from the gateway and the config -----------------------------------
-    def _static_cap_da(self):
-        cap = self.hardware_da
-        if self.installation_da < cap:
-            cap = self.installation_da
-        return cap
-
     def assign(self, limit_da, validity_s, now_ms):
         """Gateway limit for validity_s seconds. Returns the limit the column applies from
         it (capped by the hardware and installation ratings, 0 if below 6 A) or REJECTED.
@@ -114,9 +110,8 @@ class LimitArbiter:
         else:
             if validity_s > MAX_VALIDITY_S:
                 validity_s = MAX_VALIDITY_S
-            cap = self._static_cap_da()
-            if limit_da > cap:
-                limit_da = cap
+            if limit_da > self._cap_da:
+                limit_da = self._cap_da
             self.gateway_da = limit_da
             self._gw_ms = now_ms
             self._gw_validity_ms = validity_s * 1000
@@ -140,9 +135,8 @@ class LimitArbiter:
         if not isinstance(limit_da, int) or limit_da < 0:
             self.rejected_count += 1
             return REJECTED
-        cap = self._static_cap_da()
-        if limit_da > cap:
-            limit_da = cap
+        if limit_da > self._cap_da:
+            limit_da = self._cap_da
         self.failsafe_da = limit_da
         return limit_da
 
@@ -152,9 +146,6 @@ class LimitArbiter:
 
     def set_enabled(self, flag):
         self.enabled = bool(flag)
-
-    def set_cable_da(self, da):
-        self.cable_da = da
 
     def end_session(self):
         """Vehicle gone: clear the overdraw suspension and the pause latch."""
@@ -192,15 +183,12 @@ class LimitArbiter:
             self._over = False
 
     # --- the offer ----------------------------------------------------------------------
-    def _expire(self, now_ms):
+    def offered_da(self, now_ms):
+        """Recompute the offer; also sets source, paused, failsafe_active and error."""
         if self.gateway_valid and elapsed_ms(now_ms, self._gw_ms) >= self._gw_validity_ms:
             self.gateway_valid = False
         if self.gateway_alive and elapsed_ms(now_ms, self._hb_ms) >= self._hb_timeout_ms:
             self.gateway_alive = False
-
-    def offered_da(self, now_ms):
-        """Recompute the offer; also sets source, paused, failsafe_active and error."""
-        self._expire(now_ms)
         # The lowest of the ratings and the gateway limit / failsafe.
         target = self.hardware_da
         source = SRC_HARDWARE
@@ -249,19 +237,16 @@ class LimitArbiter:
             source = SRC_PAUSE
             pause = True
         self.paused = pause or self._pause_latched
-        self._rate_limit(now_ms, target)
         self.source = source
-        return self.offered
-
-    def _rate_limit(self, now_ms, target):
+        # Rate limit: an increase of an offer the car sees waits pwm_min_change_interval
+        # after the last change; decreases, and increases from 0 or without a car, do not.
         cur = self.offered
         if target == cur:
             if not self._change_settled and elapsed_ms(now_ms, self._changed_ms) >= self._change_ms:
                 self._change_settled = True
-            return
-        if target > cur and cur > 0 and self._signalled_da > 0 and not self._change_settled:
-            if elapsed_ms(now_ms, self._changed_ms) < self._change_ms:
-                return  # hold the increase; the offer stays lower
-        self.offered = target
-        self._changed_ms = now_ms
-        self._change_settled = self._change_ms <= 0
+        elif not (target > cur > 0 and self._signalled_da > 0 and not self._change_settled
+                  and elapsed_ms(now_ms, self._changed_ms) < self._change_ms):
+            self.offered = target
+            self._changed_ms = now_ms
+            self._change_settled = self._change_ms <= 0
+        return self.offered

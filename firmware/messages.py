@@ -48,89 +48,143 @@ ENUM = "enum"
 LIST = "list"
 MAP = "map"
 ANY = "any"
+_KINDS = (INT, NUM, STR, ENUM, LIST, MAP, ANY)  # index = the kind's code in _SPECS
+_I = const(0)
+_N = const(1)
+_S = const(2)
+_E = const(3)
+_L = const(4)
+_M = const(5)
+_A = const(6)
+_OPT = const(8)  # added to a kind code: the field may be left out
 
 _AMPS = (0, 80)
 _UINT = (0, None)
 _U31 = (0, MAX_ID)
 _PHASE_NUMS = (NUM, 3, 3, None)
+_KEYS = (STR, 0, 32, 64)
 _ACCEPTED = ("Accepted", "Rejected")
 _TRIGGERABLE = ("BootNotification", "Heartbeat", "StatusNotification", "MeterValues")
 STOP_REASONS = ("Local", "Remote", "EVDisconnected", "PowerLoss", "Reboot", "EmergencyStop", "Other")
 
-# (action, direction, request fields, result fields), in documentation order.
-ACTIONS = (
-    ("BootNotification", FROM_COLUMN, (
-        ("columnId", STR, True, 64),
-        ("firmwareVersion", STR, True, 32),
-        ("model", STR, True, 64),
-        ("phases", ENUM, True, (1, 3)),
-        ("hardwareRatingA", NUM, True, _AMPS),
-        ("busAddress", INT, True, (0, 247)),
-        ("configError", STR, False, 200),
-    ), (
-        ("status", ENUM, True, _ACCEPTED),
-        ("heartbeatIntervalS", INT, True, (1, 86400)),
-        ("currentTimeMs", INT, True, _UINT),
-    )),
-    ("Heartbeat", FROM_COLUMN, (), (
-        ("currentTimeMs", INT, True, _UINT),
-    )),
-    ("StatusNotification", FROM_COLUMN, (
-        ("status", ENUM, True, STATUS_NAMES),
-        ("errorCode", ENUM, True, ERROR_NAMES),
-        ("cpState", ENUM, True, CP_NAMES),
-        ("offeredA", NUM, True, _AMPS),
-        ("limitSource", ENUM, True, LIMIT_SOURCE_NAMES),
-    ), ()),
-    ("MeterValues", FROM_COLUMN, (
-        ("energyWh", INT, True, _UINT),
-        ("sessionEnergyWh", INT, True, _UINT),
-        ("powerW", NUM, True, (-1000000, 1000000)),
-        ("currentA", LIST, True, _PHASE_NUMS),
-        ("voltageV", LIST, True, _PHASE_NUMS),
-        ("offeredA", NUM, True, _AMPS),
-        ("seq", INT, True, _U31),
-    ), ()),
-    ("StartTransaction", FROM_COLUMN, (
-        ("sessionId", INT, True, _U31),
-        ("meterStartWh", INT, True, _UINT),
-    ), ()),
-    ("StopTransaction", FROM_COLUMN, (
-        ("sessionId", INT, True, _U31),
-        ("meterStopWh", INT, True, _UINT),
-        ("reason", ENUM, True, STOP_REASONS),
-    ), ()),
-    ("SetChargingLimit", FROM_GATEWAY, (
-        ("limitA", NUM, True, _AMPS),
-        ("validityS", INT, True, (0, 86400)),
-        ("failsafeA", NUM, False, _AMPS),
-    ), (
-        ("status", ENUM, True, _ACCEPTED),
-        ("appliedA", NUM, True, _AMPS),
-    )),
-    ("GetConfiguration", FROM_GATEWAY, (
-        ("keys", LIST, False, (STR, 0, 32, 64)),
-    ), (
-        ("configuration", MAP, True, None),
-        ("unknownKeys", LIST, True, (STR, 0, 32, 64)),
-    )),
-    ("ChangeConfiguration", FROM_GATEWAY, (
-        ("key", STR, True, 64),
-        ("value", ANY, True, None),
-    ), (
-        ("status", ENUM, True, ("Accepted", "Rejected", "RebootRequired", "NotSupported")),
-    )),
-    ("Reset", FROM_GATEWAY, (
-        ("type", ENUM, True, ("Soft", "Hard")),
-    ), (
-        ("status", ENUM, True, _ACCEPTED),
-    )),
-    ("TriggerMessage", FROM_GATEWAY, (
-        ("requestedMessage", ENUM, True, _TRIGGERABLE),
-    ), (
-        ("status", ENUM, True, ("Accepted", "Rejected", "NotImplemented")),
-    )),
+_RES = "/"  # in a spec: the result fields follow
+
+# The contract. Per action: who sends the call, its request fields, _RES, its result
+# fields; three slots a field: name, kind code (+ _OPT), arg. Flat tuples spare a board
+# some 60 small ones, and the keyword form makes the action names interned names.
+# ACTIONS (below) is the same as nested tuples, in _ORDER, the documentation order.
+_SPECS = dict(
+    BootNotification=(
+        FROM_COLUMN,
+        "columnId", _S, 64,
+        "firmwareVersion", _S, 32,
+        "model", _S, 64,
+        "phases", _E, (1, 3),
+        "hardwareRatingA", _N, _AMPS,
+        "busAddress", _I, (0, 247),
+        "configError", _S + _OPT, 200,
+        _RES,
+        "status", _E, _ACCEPTED,
+        "heartbeatIntervalS", _I, (1, 86400),
+        "currentTimeMs", _I, _UINT,
+    ),
+    Heartbeat=(
+        FROM_COLUMN,
+        _RES,
+        "currentTimeMs", _I, _UINT,
+    ),
+    StatusNotification=(
+        FROM_COLUMN,
+        "status", _E, STATUS_NAMES,
+        "errorCode", _E, ERROR_NAMES,
+        "cpState", _E, CP_NAMES,
+        "offeredA", _N, _AMPS,
+        "limitSource", _E, LIMIT_SOURCE_NAMES,
+        _RES,
+    ),
+    MeterValues=(
+        FROM_COLUMN,
+        "energyWh", _I, _UINT,
+        "sessionEnergyWh", _I, _UINT,
+        "powerW", _N, (-1000000, 1000000),
+        "currentA", _L, _PHASE_NUMS,
+        "voltageV", _L, _PHASE_NUMS,
+        "offeredA", _N, _AMPS,
+        "seq", _I, _U31,
+        _RES,
+    ),
+    StartTransaction=(
+        FROM_COLUMN,
+        "sessionId", _I, _U31,
+        "meterStartWh", _I, _UINT,
+        _RES,
+    ),
+    StopTransaction=(
+        FROM_COLUMN,
+        "sessionId", _I, _U31,
+        "meterStopWh", _I, _UINT,
+        "reason", _E, STOP_REASONS,
+        _RES,
+    ),
+    SetChargingLimit=(
+        FROM_GATEWAY,
+        "limitA", _N, _AMPS,
+        "validityS", _I, (0, 86400),
+        "failsafeA", _N + _OPT, _AMPS,
+        _RES,
+        "status", _E, _ACCEPTED,
+        "appliedA", _N, _AMPS,
+    ),
+    GetConfiguration=(
+        FROM_GATEWAY,
+        "keys", _L + _OPT, _KEYS,
+        _RES,
+        "configuration", _M, None,
+        "unknownKeys", _L, _KEYS,
+    ),
+    ChangeConfiguration=(
+        FROM_GATEWAY,
+        "key", _S, 64,
+        "value", _A, None,
+        _RES,
+        "status", _E, ("Accepted", "Rejected", "RebootRequired", "NotSupported"),
+    ),
+    Reset=(
+        FROM_GATEWAY,
+        "type", _E, ("Soft", "Hard"),
+        _RES,
+        "status", _E, _ACCEPTED,
+    ),
+    TriggerMessage=(
+        FROM_GATEWAY,
+        "requestedMessage", _E, _TRIGGERABLE,
+        _RES,
+        "status", _E, ("Accepted", "Rejected", "NotImplemented"),
+    ),
 )
+_ORDER = ("BootNotification", "Heartbeat", "StatusNotification", "MeterValues", "StartTransaction",
+          "StopTransaction", "SetChargingLimit", "GetConfiguration", "ChangeConfiguration", "Reset",
+          "TriggerMessage")
+
+
+def __getattr__(name):
+    """ACTIONS: (action, direction, request fields, result fields) per action, fields as
+    (name, kind, required, arg), built on first use: the gateway, the HIL and the docs
+    read it, a board never does."""
+    if name != "ACTIONS":
+        raise AttributeError(name)
+    global ACTIONS
+    out = []
+    for action in _ORDER:
+        spec = _SPECS[action]
+        r = spec.index(_RES)
+        sides = []
+        for lo, hi in ((1, r), (r + 1, len(spec))):
+            sides.append(tuple([(spec[j], _KINDS[spec[j + 1] & 7], not spec[j + 1] & _OPT, spec[j + 2])
+                                for j in range(lo, hi, 3)]))
+        out.append((action, spec[0], sides[0], sides[1]))
+    ACTIONS = tuple(out)
+    return ACTIONS
 
 
 class MessageError(ValueError):
@@ -147,76 +201,93 @@ class MessageError(ValueError):
         self.description = description
 
 
+def _spec(action):
+    return _SPECS.get(action) if type(action) is str else None
+
+
 def action_spec(action):
     """(action, direction, request fields, result fields), or None for an unknown action."""
-    for spec in ACTIONS:
-        if spec[0] == action:
-            return spec
-    return None
+    if _spec(action) is None:
+        return None
+    return __getattr__("ACTIONS")[_ORDER.index(action)]
 
 
 def direction(action):
-    spec = action_spec(action)
-    return spec[1] if spec else None
+    spec = _spec(action)
+    return None if spec is None else spec[0]
 
 
 def validate_payload(action, payload, is_result=False):
     """Raise MessageError unless payload is a valid request (or result) of action."""
-    spec = action_spec(action)
+    spec = _spec(action)
     if spec is None:
         raise MessageError(NOT_IMPLEMENTED, "unknown action %r" % (action,))
-    fields = spec[3] if is_result else spec[2]
     if not isinstance(payload, dict):
         raise MessageError(FORMATION_VIOLATION, "%s payload must be a map" % action)
+    r = spec.index(_RES)
+    lo, hi = (r + 1, len(spec)) if is_result else (1, r)
     for key in payload:
-        for field in fields:
-            if field[0] == key:
+        for j in range(lo, hi, 3):
+            if spec[j] == key:
                 break
         else:
             raise MessageError(FORMATION_VIOLATION, "%s has no field %r" % (action, key))
-    for field in fields:
-        name = field[0]
+    for j in range(lo, hi, 3):
+        name = spec[j]
+        code = spec[j + 1]
         if name in payload:
-            _check(field[1], field[3], payload[name], name)
-        elif field[2]:
+            _check(code & 7, spec[j + 2], payload[name], name)
+        elif not code & _OPT:
             raise MessageError(OCCURRENCE_CONSTRAINT_VIOLATION, "%s needs field %s" % (action, name))
 
 
-def _is_number(v):
-    return type(v) is int or type(v) is float  # bool excluded: type(True) is bool
-
-
 def _check(kind, arg, v, name):
-    if kind in (INT, NUM):
-        if not (type(v) is int if kind == INT else _is_number(v)):
-            raise MessageError(TYPE_CONSTRAINT_VIOLATION, "%s must be %s" % (name, describe(kind, arg)))
-        if v - v != 0:  # NaN and infinities (inf - inf is NaN, NaN != 0)
-            raise MessageError(PROPERTY_CONSTRAINT_VIOLATION, "%s must be finite" % name)
-        if arg is not None and ((arg[0] is not None and v < arg[0]) or (arg[1] is not None and v > arg[1])):
-            raise MessageError(PROPERTY_CONSTRAINT_VIOLATION, "%s must be %s" % (name, describe(kind, arg)))
-    elif kind == STR:
-        if type(v) is not str:
-            raise MessageError(TYPE_CONSTRAINT_VIOLATION, "%s must be a string" % name)
-        if len(v) > arg:
-            raise MessageError(PROPERTY_CONSTRAINT_VIOLATION, "%s must be %s" % (name, describe(kind, arg)))
-    elif kind == ENUM:
-        if type(v) is not type(arg[0]):
-            raise MessageError(TYPE_CONSTRAINT_VIOLATION, "%s must be %s" % (name, describe(kind, arg)))
-        if v not in arg:
-            raise MessageError(PROPERTY_CONSTRAINT_VIOLATION, "%s must be %s" % (name, describe(kind, arg)))
-    elif kind == LIST:
+    """kind: a code (_I.._A) or, for list items, a kind name."""
+    if type(kind) is str:
+        kind = _KINDS.index(kind)
+    code = PROPERTY_CONSTRAINT_VIOLATION
+    what = None  # None: describe the field's type and range
+    t = type(v)
+    if kind <= _N:
+        if not (t is int or (kind == _N and t is float)):  # bool is neither
+            code = TYPE_CONSTRAINT_VIOLATION
+        elif v - v != 0:  # NaN and infinities (inf - inf is NaN, NaN != 0)
+            what = "finite"
+        elif arg is None or ((arg[0] is None or v >= arg[0]) and (arg[1] is None or v <= arg[1])):
+            return
+    elif kind == _S:
+        if t is not str:
+            code = TYPE_CONSTRAINT_VIOLATION
+            what = "a string"
+        elif len(v) <= arg:
+            return
+    elif kind == _E:
+        if t is not type(arg[0]):
+            code = TYPE_CONSTRAINT_VIOLATION
+        elif v in arg:
+            return
+    elif kind == _L:
         if not isinstance(v, (list, tuple)):
-            raise MessageError(TYPE_CONSTRAINT_VIOLATION, "%s must be a list" % name)
-        if not arg[1] <= len(v) <= arg[2]:
-            raise MessageError(OCCURRENCE_CONSTRAINT_VIOLATION, "%s must be %s" % (name, describe(kind, arg)))
-        for item in v:
-            _check(arg[0], arg[3], item, name)
-    elif kind == MAP:
+            code = TYPE_CONSTRAINT_VIOLATION
+            what = "a list"
+        elif not arg[1] <= len(v) <= arg[2]:
+            code = OCCURRENCE_CONSTRAINT_VIOLATION
+        else:
+            for item in v:
+                _check(arg[0], arg[3], item, name)
+            return
+    elif kind == _M:
         if not isinstance(v, dict):
-            raise MessageError(TYPE_CONSTRAINT_VIOLATION, "%s must be a map" % name)
-        for key in v:
-            if type(key) is not str:
-                raise MessageError(TYPE_CONSTRAINT_VIOLATION, "%s keys must be strings" % name)
+            code = TYPE_CONSTRAINT_VIOLATION
+            what = "a map"
+        else:
+            for key in v:
+                if type(key) is not str:
+                    raise MessageError(TYPE_CONSTRAINT_VIOLATION, "%s keys must be strings" % name)
+            return
+    else:
+        return
+    raise MessageError(code, "%s must be %s" % (name, what or describe(_KINDS[kind], arg)))
 
 
 def describe(kind, arg):

@@ -86,16 +86,16 @@ class Meter:
         self.phases = sdm.PHASES[kind]
         fields = sdm.FIELDS[kind]
         self._has_total = fields[sdm.F_PTOTAL] >= 0
-        # Per block: request bytes, reply length, and (field, byte offset) pairs to decode.
+        # Per block: request bytes, reply length, and (field, byte offset, scale) to decode.
         self._reqs = tuple(read_request(address, s, c) for s, c in blocks)
         self._lens = tuple(sdm.reply_len(c) for s, c in blocks)
         plans = []
         for start, count in blocks:
-            plan = []
+            plan = []  # flat: field, byte offset, scale, field, ...
             for f in range(sdm.NFIELDS):
                 reg = fields[f]
                 if reg >= 0 and start <= reg < start + count:
-                    plan.append((f, 3 + 2 * (reg - start), sdm.SCALE[f]))
+                    plan += (f, 3 + 2 * (reg - start), sdm.SCALE[f])
             plans.append(tuple(plan))
         self._plans = tuple(plans)
         self._nblocks = len(blocks)
@@ -257,12 +257,13 @@ class Meter:
             self._state = _DRAIN
             return
         stage = self._stage
-        for f, off, scale in self._plans[self._block]:
-            v = sdm.decode_f32(rx, off, scale)
+        plan = self._plans[self._block]
+        for i in range(0, len(plan), 3):
+            v = sdm.decode_f32(rx, plan[i + 1], plan[i + 2])
             if v is None:
                 self._bad(now_ms)
                 return
-            stage[f] = v
+            stage[plan[i]] = v
         self.replies += 1
         self._block += 1
         self._attempt = 0
@@ -270,10 +271,8 @@ class Meter:
             self._state = _NEXT
             return
         self._state = _IDLE
-        self._commit(now_ms)
-
-    def _commit(self, now_ms):
-        s = self._stage
+        # The cycle is complete: check its energy, then take all of it.
+        s = stage
         imp = s[sdm.F_IMPORT]
         exp = s[sdm.F_EXPORT]
         if imp < 0 or exp < 0:

@@ -47,7 +47,6 @@ except ImportError:  # CPython
 EV_SESSION_START = const(1)
 EV_SESSION_STOP = const(2)
 EV_ERROR = const(3)          # reason = the error code raised (status.ERR_*)
-EVENT_NAMES = ("None", "SessionStart", "SessionStop", "Error")
 
 # Stop reasons (OCPP names). A fault stop is preceded by an EV_ERROR event naming it.
 STOP_NONE = const(0)
@@ -55,6 +54,7 @@ STOP_EV_DISCONNECTED = const(1)
 STOP_REMOTE = const(2)
 STOP_POWER_LOSS = const(3)
 STOP_EMERGENCY = const(4)
+# Contract names (firmware.messages.STOP_REASONS) by code; the CBOR link sends "Other" for 0.
 STOP_REASON_NAMES = ("None", "EVDisconnected", "Remote", "PowerLoss", "EmergencyStop")
 
 # Diode check result handed in by the controller.
@@ -72,11 +72,8 @@ class EventRing:
 
     def __init__(self, size=16):
         self._size = size
-        self._kind = [0] * size
-        self._sid = [0] * size
-        self._wh = [0] * size
-        self._reason = [0] * size
-        self._head = 0   # next slot to write
+        self._ev = [0] * (4 * size)  # 4 slots an event: kind, session_id, energy_wh, reason
+        self._head = 0   # next event to write
         self.count = 0
         self.lost = 0
 
@@ -85,10 +82,12 @@ class EventRing:
 
     def push(self, kind, session_id, energy_wh, reason):
         i = self._head
-        self._kind[i] = kind
-        self._sid[i] = session_id
-        self._wh[i] = energy_wh
-        self._reason[i] = reason
+        ev = self._ev
+        j = 4 * i
+        ev[j] = kind
+        ev[j + 1] = session_id
+        ev[j + 2] = energy_wh
+        ev[j + 3] = reason
         i += 1
         self._head = 0 if i == self._size else i
         if self.count == self._size:
@@ -104,7 +103,8 @@ class EventRing:
         if i < 0:
             i += self._size
         self.count -= 1
-        return (self._kind[i], self._sid[i], self._wh[i], self._reason[i])
+        j = 4 * i
+        return tuple(self._ev[j:j + 4])
 
 
 class Session:
@@ -143,67 +143,7 @@ class Session:
         """The app closes a session that was open when the power went (at boot)."""
         self.events.push(EV_SESSION_STOP, session_id, energy_wh, STOP_POWER_LOSS)
 
-    # --- faults -------------------------------------------------------------------------
-    def _fb_mismatch(self, now_ms, fb):
-        if fb is None or (fb and self.contactor_on) or (not fb and not self.contactor_on):
-            self._fb_bad = False
-            return False
-        if not self._fb_bad:
-            self._fb_bad = True
-            self._fb_ms = now_ms
-            return False
-        return elapsed_ms(now_ms, self._fb_ms) >= self._fb_limit_ms
-
-    def _diode_missing(self, now_ms, cp, diode):
-        if diode != DIODE_MISSING or not (cp == CP_B or cp == CP_C or cp == CP_D):
-            self._diode_bad = False
-            return False
-        if not self._diode_bad:
-            self._diode_bad = True
-            self._diode_ms = now_ms
-            return False
-        return elapsed_ms(now_ms, self._diode_ms) >= self._debounce_ms
-
-    def _faults(self, now_ms, cp, diode, rcd, fb, fail_error):
-        f = self.fault
-        # Clear a fault once its cause is gone (ground, diode and contactor need an unplug).
-        if f == ERR_CP_SHORT:
-            if cp != CP_E and cp != CP_F:
-                f = ERR_NONE
-        elif f == ERR_GROUND or f == ERR_DIODE:
-            if cp == CP_A and not rcd:
-                f = ERR_NONE
-        elif f == ERR_CONTACTOR:
-            if cp == CP_A and not fb:
-                f = ERR_NONE
-        mismatch = self._fb_mismatch(now_ms, fb)
-        missing = self._diode_missing(now_ms, cp, diode)
-        # New faults, most severe first; a latched fault is only replaced by a worse one.
-        if fail_error != ERR_NONE:
-            f = fail_error
-        elif rcd:
-            f = ERR_GROUND
-        elif mismatch and f != ERR_GROUND:
-            f = ERR_CONTACTOR
-        elif f == ERR_NONE or f == ERR_DIODE:
-            if cp == CP_E or cp == CP_F:
-                f = ERR_CP_SHORT   # a short, a level outside every band, or -12 V we did not drive
-            elif missing:
-                f = ERR_DIODE
-        return f
-
     # --- sessions -----------------------------------------------------------------------
-    def _start(self, energy_wh):
-        sid = self.next_id
-        self.next_id = 1 if sid >= _MAX_ID else sid + 1
-        self.session_id = sid
-        self.active = True
-        self.charged = False
-        self.energy_start_wh = energy_wh
-        self.energy_wh = 0
-        self.last_stop_reason = STOP_NONE
-        self.events.push(EV_SESSION_START, sid, energy_wh, STOP_NONE)
-
     def _stop(self, energy_wh, reason):
         self.active = False
         self.last_stop_reason = reason
@@ -216,7 +156,47 @@ class Session:
         config error from the app (ERR_NONE normally)."""
         connected = cp == CP_B or cp == CP_C or cp == CP_D
         in_c = cp == CP_C or cp == CP_D
-        f = self._faults(now_ms, cp, diode, rcd, fb, fail_error)
+        f = self.fault
+        # Clear a fault once its cause is gone (ground, diode and contactor need an unplug).
+        if f == ERR_CP_SHORT:
+            if cp != CP_E and cp != CP_F:
+                f = ERR_NONE
+        elif f == ERR_GROUND or f == ERR_DIODE:
+            if cp == CP_A and not rcd:
+                f = ERR_NONE
+        elif f == ERR_CONTACTOR:
+            if cp == CP_A and not fb:
+                f = ERR_NONE
+        # Contactor feedback disagreeing with the command for contactor_feedback_ms.
+        mismatch = False
+        if fb is None or (fb and self.contactor_on) or (not fb and not self.contactor_on):
+            self._fb_bad = False
+        elif not self._fb_bad:
+            self._fb_bad = True
+            self._fb_ms = now_ms
+        else:
+            mismatch = elapsed_ms(now_ms, self._fb_ms) >= self._fb_limit_ms
+        # The EV's diode missing (connected, PWM running) for cp_debounce_ms.
+        missing = False
+        if diode != DIODE_MISSING or not connected:
+            self._diode_bad = False
+        elif not self._diode_bad:
+            self._diode_bad = True
+            self._diode_ms = now_ms
+        else:
+            missing = elapsed_ms(now_ms, self._diode_ms) >= self._debounce_ms
+        # New faults, most severe first; a latched fault is only replaced by a worse one.
+        if fail_error != ERR_NONE:
+            f = fail_error
+        elif rcd:
+            f = ERR_GROUND
+        elif mismatch and f != ERR_GROUND:
+            f = ERR_CONTACTOR
+        elif f == ERR_NONE or f == ERR_DIODE:
+            if cp == CP_E or cp == CP_F:
+                f = ERR_CP_SHORT   # a short, a level outside every band, or -12 V we did not drive
+            elif missing:
+                f = ERR_DIODE
         self.fault = f
         faulted = f != ERR_NONE
         err = f if faulted else hold_error
@@ -237,7 +217,15 @@ class Session:
                 self._stop(energy_wh, STOP_REMOTE)
                 self._finishing = self._remote_stop
         elif connected and enabled and not faulted and not self._finishing:
-            self._start(energy_wh)
+            sid = self.next_id
+            self.next_id = 1 if sid >= _MAX_ID else sid + 1
+            self.session_id = sid
+            self.active = True
+            self.charged = False
+            self.energy_start_wh = energy_wh
+            self.energy_wh = 0
+            self.last_stop_reason = STOP_NONE
+            self.events.push(EV_SESSION_START, sid, energy_wh, STOP_NONE)
         self._remote_stop = False
         if self.active and in_c:
             self.charged = True

@@ -4,6 +4,11 @@
 the `firmware` package to .mpy under build/firmware/firmware/ and copies the board's
 `boot.py` and `main.py` (which MicroPython runs as source) to build/firmware/. A syntax
 MicroPython rejects stops the build with the file and line, and a non-zero exit.
+
+Modules are compiled with `mpy-cross -O3`: no source line numbers (a board keeps loaded
+code in RAM, and the line tables cost the app about 2.5 KB of it) and no `assert`s (the
+firmware uses none; its checks are code that stays). `--debug` (or `build(debug=True)`)
+keeps the line numbers for tracebacks that name them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ SOURCE = REPO / "firmware"
 BUILD = REPO / "build" / "firmware"
 # Scripts a board runs from source at its filesystem root.
 BOARD_SCRIPTS = ("boot.py", "main.py")
+OPTIMIZE = 3    # mpy-cross -O level of a release build (see the module docstring)
 
 
 class BuildError(Exception):
@@ -46,9 +52,11 @@ def mpy_cross_binary() -> str:
     return found
 
 
-def compile_file(source: Path, target: Path, march: str | None = None) -> None:
+def compile_file(source: Path, target: Path, march: str | None = None, optimize: int = 0) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     cmd = [mpy_cross_binary(), "-o", str(target)]
+    if optimize:
+        cmd.append(f"-O{optimize}")
     if march:
         cmd.append(f"-march={march}")
     cmd.append(source.name)
@@ -61,8 +69,11 @@ def compile_file(source: Path, target: Path, march: str | None = None) -> None:
         raise BuildError(f"{rel}: MicroPython rejects this file\n{detail}")
 
 
-def build(source: Path = SOURCE, out: Path = BUILD, march: str | None = None) -> Bundle:
-    """Compile every firmware module; raise BuildError on the first rejected file."""
+def build(source: Path = SOURCE, out: Path = BUILD, march: str | None = None,
+          debug: bool = False) -> Bundle:
+    """Compile every firmware module; raise BuildError on the first rejected file.
+    debug keeps source line numbers in the .mpy files (costs the board RAM)."""
+    optimize = 0 if debug else OPTIMIZE
     if out.exists():
         shutil.rmtree(out)
     files: list[Path] = []
@@ -84,7 +95,7 @@ def build(source: Path = SOURCE, out: Path = BUILD, march: str | None = None) ->
         else:
             target = out / source.name / rel.with_suffix(".mpy")
             try:
-                compile_file(py, target, march)
+                compile_file(py, target, march, optimize)
             except BuildError as exc:
                 errors.append(str(exc))
                 continue
@@ -101,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=SOURCE, help="firmware package folder")
     parser.add_argument("--out", type=Path, default=BUILD, help="bundle folder (replaced)")
     parser.add_argument("--march", help="mpy-cross -march (e.g. xtensawin, armv6m) for native code")
+    parser.add_argument("--debug", action="store_true",
+                        help="keep source line numbers (tracebacks name them; costs board RAM)")
     args = parser.parse_args(argv)
     try:
-        bundle = build(args.source, args.out, args.march)
+        bundle = build(args.source, args.out, args.march, args.debug)
     except BuildError as exc:
         print(f"firmware build failed: {exc}", file=sys.stderr)
         return 1

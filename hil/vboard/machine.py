@@ -1,8 +1,9 @@
 # A virtual board's `machine` module for the firmware under CPython and the MicroPython
 # unix port. It lives with the HIL, never in the firmware bundle. Tests and the HIL set
 # inputs (ADC readings, input pins) and read outputs (PWM duty, relay pins, WDT feeds)
-# through the module-level `board` object. MicroPython-compatible code only.
-import time
+# through the module-level `board` object. MicroPython-compatible code only. It offers
+# the part of `machine` the firmware's HAL uses and no more: its code shares the heap of
+# the column it runs (see tests/firmware_host/test_app_cbor.py).
 
 
 class _Board:
@@ -27,9 +28,6 @@ board = _Board()
 class Pin:
     IN = 0
     OUT = 1
-    OPEN_DRAIN = 2
-    PULL_UP = 1
-    PULL_DOWN = 2
 
     def __init__(self, pin_id, mode=-1, pull=-1, value=None):
         self.id = pin_id
@@ -43,12 +41,6 @@ class Pin:
         board.pin_levels[self.id] = 1 if level else 0
         return None
 
-    def on(self):
-        self.value(1)
-
-    def off(self):
-        self.value(0)
-
 
 class PWM:
     def __init__(self, pin, freq=1000, duty_u16=0):
@@ -57,11 +49,8 @@ class PWM:
         self._duty = duty_u16
         board.pwm[pin.id if isinstance(pin, Pin) else pin] = self
 
-    def freq(self, value=None):
-        if value is None:
-            return self._freq
-        self._freq = value
-        return None
+    def freq(self):
+        return self._freq
 
     def duty_u16(self, value=None):
         if value is None:
@@ -69,14 +58,10 @@ class PWM:
         self._duty = value
         return None
 
-    def deinit(self):
-        self._duty = 0
-
 
 class ADC:
     def __init__(self, pin):
         self.id = pin.id if isinstance(pin, Pin) else pin
-
         self._phase = 0
 
     def read_u16(self):
@@ -97,12 +82,10 @@ class WDT:
     def __init__(self, id=0, timeout=5000):
         self.timeout = timeout
         self.feeds = 0
-        self.last_feed_ms = time.ticks_ms() if hasattr(time, "ticks_ms") else 0
         board.wdt = self
 
     def feed(self):
         self.feeds += 1
-        self.last_feed_ms = time.ticks_ms() if hasattr(time, "ticks_ms") else 0
 
 
 class UART:
@@ -130,9 +113,6 @@ class UART:
         except Exception:  # termios.error on CPython, OSError on MicroPython
             pass  # not a tty (e.g. /dev/null for a line nobody listens on)
 
-    def fileno(self):
-        return self._line.fileno()
-
     def write(self, data):
         return self._line.write(data)  # unbuffered: the bytes are on the pty now
 
@@ -142,18 +122,7 @@ class UART:
     def readinto(self, buf):
         return self._line.readinto(buf) or None
 
-    def read(self, n=256):
-        data = self._line.read(n)
-        return data or None
-
-    def deinit(self):
-        self._line.close()
-
 
 def reset():
     board.resets += 1
     raise SystemExit("machine.reset")
-
-
-def unique_id():
-    return b"\x00\x11\x22\x33\x44\x55"

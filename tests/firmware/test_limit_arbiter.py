@@ -42,7 +42,7 @@ BINDING = (
 def test_each_source_binds_in_turn():
     for hw, inst, cable, fs, gw, offered, source in BINDING:
         arb = make(hardware_rating_a=hw, installation_rating_a=inst, failsafe_a=fs)
-        arb.set_cable_da(cable)
+        arb.cable_da = cable
         if gw is not None:
             arb.assign(gw, 60, 0)
         got = arb.offered_da(10)
@@ -224,10 +224,10 @@ def test_increases_without_a_car_are_not_held():
 
 def test_no_cable_offers_nothing_without_pausing():
     arb = make()
-    arb.set_cable_da(0)
+    arb.cable_da = 0
     assert arb.offered_da(0) == 0
     assert arb.source == SRC_CABLE and not arb.paused
-    arb.set_cable_da(200)
+    arb.cable_da = 200
     assert arb.offered_da(10) == 60
 
 

@@ -22,13 +22,9 @@ from hil.rig.ports import free_port
 from hil.rig.vcolumn import VirtualColumn, _open_raw
 from tools.firmware_build import build
 
-# Known gap (see docs/firmware.md): with the CBOR link the firmware's code alone takes
-# ~104 KB of the unix port's 64-bit heap, and the app does not fit the 128 KB heap the
-# other firmware tests use. These tests run MicroPython with CBOR_HEAP until the codec
-# and message tables are slimmed; test_cbor_app_fits_the_standard_heap is the ratchet
-# that fails (strict xfail) the day it fits, so the exception gets removed.
-CBOR_HEAP = "192K"
-STANDARD_HEAP = "128K"
+# Every leg runs with the heap the other firmware tests use: the whole CBOR-link app,
+# harness included, fits the MicroPython unix port's 128 KB (see docs/firmware.md).
+HEAP = "128K"
 
 CONFIG: dict[str, Any] = {
     "column_id": "cbor-col-1", "bus_address": 7, "phases": 3,
@@ -152,8 +148,7 @@ def column(request: pytest.FixtureRequest, tmp_path: Path,
     interp, mode = request.param
     link = {"mode": mode, "baud": 115200} if mode == "cbor-serial" else \
         {"mode": mode, "tcp_port": free_port(), "host": "127.0.0.1"}
-    heap = CBOR_HEAP if interp == "micropython" else STANDARD_HEAP
-    with VirtualColumn(interp, tmp_path / "col", dict(CONFIG, link=link), bundle=bundle, heap=heap) as vcol:
+    with VirtualColumn(interp, tmp_path / "col", dict(CONFIG, link=link), bundle=bundle, heap=HEAP) as vcol:
         gateways = _serial_gateway(vcol) if mode == "cbor-serial" else _tcp_gateway(link["tcp_port"])
         gw = next(gateways)
         try:
@@ -225,16 +220,3 @@ def test_hostile_calls_get_error_frames_and_change_nothing(column: tuple[Virtual
     assert answer == {"status": "Accepted", "appliedA": 10}
     config = gw.call("GetConfiguration", {"keys": ["hardware_rating_a", "nope"]})
     assert config == {"configuration": {"hardware_rating_a": 32}, "unknownKeys": ["nope"]}
-
-
-@pytest.mark.xfail(strict=True, reason="CBOR link mode needs ~150 KB of heap on the 64-bit unix port")
-def test_cbor_app_fits_the_standard_heap(tmp_path: Path, bundle: Path) -> None:
-    config = dict(CONFIG, link={"mode": "cbor-serial", "baud": 115200})
-    with VirtualColumn("micropython", tmp_path / "col", config, bundle=bundle, heap=STANDARD_HEAP) as vcol:
-        for gw in _serial_gateway(vcol):
-            deadline = time.monotonic() + 8
-            while time.monotonic() < deadline and vcol.proc is not None and vcol.proc.poll() is None:
-                gw.pump(0.2)
-                vcol.board(cp_mv=9000, pp_ohms=220)
-            assert vcol.proc is not None and vcol.proc.poll() is None, "the column died"
-            gw.wait_call("StartTransaction", timeout_s=2)

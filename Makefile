@@ -12,6 +12,7 @@ help:
 	@echo "make run       run the site demo (sets everything up first)"
 	@echo "make test      lint, firmware build check and the whole test suite"
 	@echo "make firmware  compile the firmware with mpy-cross into build/firmware/"
+	@echo "make hil       replay the in-repo HIL scenario suite on the sim target (report in build/hil)"
 	@echo "make setup     only create .venv and check mosquitto"
 
 setup: $(STAMP) mosquitto-check
@@ -38,6 +39,9 @@ test: setup
 
 run: setup
 	$(PY) -m hil demo $(ARGS)
+
+hil: setup
+	$(PY) -m hil suite --target sim --report build/hil
 
 bench: setup
 	@echo "make bench: the benchmark suite is not built yet (issue 7)"; exit 2

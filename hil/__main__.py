@@ -25,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     from hil import validate_ev
 
     validate_ev.add_parser(sub)
+    from hil import scenarios
+    from hil.replay import cli as replay_cli
+
+    replay_cli.add_parsers(sub)
+    scenarios.add_parser(sub)
+    from hil import cli_column
+
+    cli_column.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -24,29 +24,29 @@ from typing import Protocol
 class ColumnInputs:
     """What the world presents to a column at one instant."""
 
-    cp_high_mv: int                  # EV side of the control pilot: 12000 A, 9000 B, 6000 C, 3000 D
-    diode: bool                      # the EV's diode (False: a misbehaving car)
-    pp_ohms: int                     # cable resistor; -1 = no cable
-    current_a: tuple[float, float, float]   # what the meter measures per phase
+    cp_high_mv: int  # EV side of the control pilot: 12000 A, 9000 B, 6000 C, 3000 D
+    diode: bool  # the EV's diode (False: a misbehaving car)
+    pp_ohms: int  # cable resistor; -1 = no cable
+    current_a: tuple[float, float, float]  # what the meter measures per phase
     voltage_v: tuple[float, float, float]
-    energy_wh: float                 # the meter's import register
+    energy_wh: float  # the meter's import register
     rcd_tripped: bool = False
-    meter_ok: bool = True            # False: the meter stops answering
+    meter_ok: bool = True  # False: the meter stops answering
 
 
 @dataclass(frozen=True)
 class ColumnOutputs:
     """What the column's firmware decided, as observed at the column's edge."""
 
-    duty: int                        # pilot duty in 0.01 % (10000 = no current offered)
-    offered_a: float                 # current signalled on the pilot (0 = none)
+    duty: int  # pilot duty in 0.01 % (10000 = no current offered)
+    offered_a: float  # current signalled on the pilot (0 = none)
     contactor: bool
-    status: str                      # firmware.status.STATUS_NAMES
-    cp_state: str                    # firmware.status.CP_NAMES
-    limit_source: str                # firmware.status.LIMIT_SOURCE_NAMES
+    status: str  # firmware.status.STATUS_NAMES
+    cp_state: str  # firmware.status.CP_NAMES
+    limit_source: str  # firmware.status.LIMIT_SOURCE_NAMES
     failsafe_active: bool
-    energy_wh: int                   # the firmware's own energy register
-    error: str                       # firmware.status.ERROR_NAMES
+    energy_wh: int  # the firmware's own energy register
+    error: str  # firmware.status.ERROR_NAMES
 
 
 class Target(Protocol):
@@ -64,8 +64,9 @@ class Target(Protocol):
 
     def outputs(self, column_id: str) -> ColumnOutputs: ...
 
-    def assign_limit(self, column_id: str, now_ms: int, limit_a: float, validity_s: int,
-                     failsafe_a: float | None = None) -> None:
+    def assign_limit(
+        self, column_id: str, now_ms: int, limit_a: float, validity_s: int, failsafe_a: float | None = None
+    ) -> None:
         """The gateway's assignment to one column, over the column's own link."""
 
     def gateway_silent(self, column_id: str, now_ms: int, silent: bool) -> None:
@@ -75,3 +76,23 @@ class Target(Protocol):
         """The column loses power now and boots again after duration_ms."""
 
     def close(self) -> None: ...
+
+
+# ---- Optional extensions (added with the replay engine; a target may ignore all of them) ----
+#
+# - `assign_limit` may return False when the assignment did not reach the column (a silent
+#   or noisy link); the engine's gateway model then retries, as a real gateway does after a
+#   failed write. None or True count as delivered.
+# - `link_fault(column_id, now_ms, kind, duration_ms, params) -> bool`: a target that injects
+#   bus faults itself (a manipulator on its serial pipe) returns True; otherwise, or when the
+#   method is missing, the engine models the fault by dropping or delaying assignments.
+#   `column_id` None means every column; `params` is the trace's link.fault map.
+# - `telemetry_sequences() -> Mapping[str, Sequence[int]] | None`: the sequence numbers an
+#   MQTT consumer received, per publisher, in arrival order; feeds the telemetry oracle.
+# - `stats() -> Mapping[str, object]`: target figures copied into the run summary.
+# - Errors: a target that cannot start or stops answering raises `TargetError` (or an
+#   OSError/TimeoutError); `python -m hil replay` prints it as one line and exits 2.
+
+
+class TargetError(RuntimeError):
+    """The target cannot start, or a column stopped answering; the message names which and why."""

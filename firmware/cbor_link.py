@@ -225,6 +225,15 @@ class Link:
 
     # --- pending calls --------------------------------------------------------------
 
+    def forget(self, msg_id):
+        """Stop waiting for a call's answer (its slot frees, no callback). A late answer then
+        counts as unmatched. True if the call was pending."""
+        i = self._slot(msg_id) if msg_id is not None else -1
+        if i < 0:
+            return False
+        self._pending[i] = None
+        return True
+
     def _slot(self, msg_id):
         for i in range(len(self._pending)):
             slot = self._pending[i]

@@ -16,7 +16,9 @@ try:
 except ImportError:  # CPython
     const = lambda x: x  # noqa: E731
 
-_BOOT_RETRY_MS = const(10000)
+_BOOT_RETRY_FIRST_MS = const(1000)  # a boot nobody answered is sent again after 1 s ...
+_BOOT_RETRY_MAX_MS = const(30000)   # ... doubling up to 30 s (a gateway that opens late)
+_MAX_HELD_EVENTS = const(8)         # session events kept while the gateway is not there
 _METER_VALUES_MS = const(10000)
 _STATUS_MIN_MS = const(1000)   # offered-current-only changes are reported at most this often
 _EV_START = const(1)           # firmware.session.EV_SESSION_START
@@ -41,9 +43,14 @@ class CborLink:
         self._out = None            # the transport's write(bytes), None while disconnected
         self.accepted = False       # BootNotification accepted by the gateway
         self._boot_ms = None
+        self._boot_wait_ms = _BOOT_RETRY_FIRST_MS
+        self._boot_id = None
+        self._held = []             # session events not yet told to the gateway (bounded)
+        self.events_dropped = 0     # held events lost to the bound (energy is on flash anyway)
         self._heartbeat_ms = 60000
         self._hb_sent_ms = 0
         self._mv_sent_ms = 0
+        self._mv_measured = False   # a MeterValues with a real meter reading has gone out
         self._status = None         # (status, error, cp, source, offered) last reported
         self._status_ms = 0
         self._seq = 0
@@ -61,6 +68,7 @@ class CborLink:
         self.link.reset()
         self.accepted = False
         self._boot_ms = None
+        self._boot_wait_ms = _BOOT_RETRY_FIRST_MS
         self._status = None
 
     def on_bytes(self, data, now_ms):
@@ -75,10 +83,14 @@ class CborLink:
         link = self.link
         link.poll(now_ms)
         if not self.accepted:
-            if self._boot_ms is None or elapsed_ms(now_ms, self._boot_ms) >= _BOOT_RETRY_MS:
+            if self._boot_ms is None or elapsed_ms(now_ms, self._boot_ms) >= self._boot_wait_ms:
+                if self._boot_ms is not None:
+                    self._boot_wait_ms = min(self._boot_wait_ms * 2, _BOOT_RETRY_MAX_MS)
                 self._boot_ms = now_ms
                 self._send("BootNotification", now_ms)
             return
+        while self._held and self.link.pending_calls() < 2:  # leave room for our own calls
+            self._tell(self._held.pop(0), now_ms)
         while self._triggered:
             self._send(self._triggered.pop(0), now_ms)
         if elapsed_ms(now_ms, self._hb_sent_ms) >= self._heartbeat_ms:
@@ -89,12 +101,27 @@ class CborLink:
                 or last[3] != ctl.limit_source or (last[4] != ctl.offered_da and elapsed_ms(
                     now_ms, self._status_ms) >= _STATUS_MIN_MS):
             self._send("StatusNotification", now_ms)
-        if elapsed_ms(now_ms, self._mv_sent_ms) >= _METER_VALUES_MS:
+        meter = self.app.meter
+        first_reading = not self._mv_measured and meter is not None and meter.cycles > 0
+        if first_reading or elapsed_ms(now_ms, self._mv_sent_ms) >= _METER_VALUES_MS:
             self._send("MeterValues", now_ms)
 
     def on_event(self, kind, session_id, energy_wh, reason, now_ms):
-        if self._out is None:
-            return  # the energy register and the session counters are on flash already
+        """Session events are told once the gateway has accepted our boot; until then they
+        are held (a bounded few: the register and session counters are on flash anyway)."""
+        if kind != _EV_START and kind != _EV_STOP:
+            return
+        event = (kind, session_id, energy_wh, reason)
+        if self._out is None or not self.accepted:
+            if len(self._held) >= _MAX_HELD_EVENTS:
+                self._held.pop(0)
+                self.events_dropped += 1
+            self._held.append(event)
+            return
+        self._tell(event, now_ms)
+
+    def _tell(self, event, now_ms):
+        kind, session_id, energy_wh, reason = event
         if kind == _EV_START:
             self.link.call("StartTransaction", dict(sessionId=session_id, meterStartWh=energy_wh),
                            now_ms)
@@ -114,6 +141,9 @@ class CborLink:
                 self.accepted = False
                 self._boot_ms = None
                 return
+            # A boot nobody answered is replaced, not stacked: stale boots would fill the
+            # link's few pending-call slots and crowd out everything after acceptance.
+            self.link.forget(self._boot_id)
             cfg = app.cfg
             phases = cfg.get("phases", 3)
             payload = dict(columnId=str(cfg.get("column_id", "unconfigured")),
@@ -125,18 +155,16 @@ class CborLink:
                 payload["configError"] = "; ".join(app.config_errors)[:200]
             on_result = self._on_boot
         elif action == "Heartbeat":
-            self._hb_sent_ms = now_ms
             payload = {}
         elif action == "StatusNotification":
-            self._status = (ctl.status, ctl.error, ctl.cp_state, ctl.limit_source, ctl.offered_da)
-            self._status_ms = now_ms
+            reported = (ctl.status, ctl.error, ctl.cp_state, ctl.limit_source, ctl.offered_da)
             payload = dict(status=STATUS_NAMES[ctl.status], errorCode=ERROR_NAMES[ctl.error],
                            cpState=CP_NAMES[ctl.cp_state], offeredA=ctl.offered_da / 10,
                            limitSource=LIMIT_SOURCE_NAMES[ctl.limit_source])
         elif action == "MeterValues":
-            self._mv_sent_ms = now_ms
             self._seq = (self._seq + 1) & 0x7FFFFFFF
             m = app.meter
+            measured = m is not None and m.cycles > 0
             cur = [m.current_da[i] / 10 for i in range(3)] if m is not None else [0, 0, 0]
             volt = [m.voltage_dv[i] / 10 for i in range(3)] if m is not None else [0, 0, 0]
             payload = dict(energyWh=app.energy_wh, sessionEnergyWh=ctl.session_energy_wh,
@@ -144,7 +172,21 @@ class CborLink:
                            voltageV=volt, offeredA=ctl.offered_da / 10, seq=self._seq)
         else:
             return
-        self.link.call(action, payload, now_ms, on_result)
+        msg_id = self.link.call(action, payload, now_ms, on_result)
+        if msg_id is None:
+            return  # refused (all call slots busy): due again at the next refresh
+        # Only what actually went out counts as sent.
+        if action == "BootNotification":
+            self._boot_id = msg_id
+        elif action == "Heartbeat":
+            self._hb_sent_ms = now_ms
+        elif action == "StatusNotification":
+            self._status = reported
+            self._status_ms = now_ms
+        elif action == "MeterValues":
+            self._mv_sent_ms = now_ms
+            if measured:
+                self._mv_measured = True
 
     def _on_boot(self, answer):
         if isinstance(answer, dict) and answer.get("status") == "Accepted":

@@ -558,6 +558,10 @@ class GatewayService:
             return
         if s.started:
             view.session_id, view.session_start_wh = s.session_id, s.meter_wh
+            if not view.in_session:  # told before the first reading: the reading must not repeat it
+                view.in_session = True
+                view.session_started_ms = self._now_ms()
+                self._wake()
             self._event("session_started", s.column_id, session_id=s.session_id, meter_start_wh=s.meter_wh,
                         resumed=False)
         else:

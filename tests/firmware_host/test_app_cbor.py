@@ -220,3 +220,47 @@ def test_hostile_calls_get_error_frames_and_change_nothing(column: tuple[Virtual
     assert answer == {"status": "Accepted", "appliedA": 10}
     config = gw.call("GetConfiguration", {"keys": ["hardware_rating_a", "nope"]})
     assert config == {"configuration": {"hardware_rating_a": 32}, "unknownKeys": ["nope"]}
+
+
+@pytest.mark.parametrize("interp", INTERPRETERS)
+def test_a_session_started_before_the_gateway_connects_is_reported_after_boot(
+        interp: str, tmp_path: Path, bundle: Path) -> None:
+    port = free_port()
+    config = dict(CONFIG, link={"mode": "cbor-tcp", "tcp_port": port, "host": "127.0.0.1"})
+    with VirtualColumn(interp, tmp_path / "col", config, bundle=bundle) as vcol:
+        time.sleep(1.5)  # the column is up, nobody is connected yet
+        vcol.board(cp_mv=9000, diode=1, pp_ohms=220)
+        time.sleep(0.5)
+        vcol.board(cp_mv=12000)  # ... and the car leaves again before the gateway comes
+        time.sleep(0.5)
+        for gw in _tcp_gateway(port):
+            gw.wait_call("BootNotification")
+            start = gw.wait_call("StartTransaction")
+            stop = gw.wait_call("StopTransaction")
+            assert stop["sessionId"] == start["sessionId"] and stop["reason"] == "EVDisconnected"
+            # Told after the boot, in order.
+            names = [name for name, _ in gw.calls]
+            assert names.index("BootNotification") < names.index("StartTransaction") \
+                < names.index("StopTransaction")
+
+
+@pytest.mark.parametrize("interp", INTERPRETERS)
+def test_a_serial_column_booted_before_its_gateway_is_fully_reported_once_heard(
+        interp: str, tmp_path: Path, bundle: Path) -> None:
+    """Boots sent into a line nobody reads must not pile up: once the gateway answers, the
+    held session start, the status and the measured values all get through at once."""
+    config = dict(CONFIG, phases=1, link={"mode": "cbor-serial", "baud": 115200})
+    with VirtualColumn(interp, tmp_path / "col", config, bundle=bundle) as vcol:
+        vcol.meter.set_load([5.0, 0.0, 0.0])
+        vcol.board(cp_mv=9000, diode=1, pp_ohms=220)
+        time.sleep(0.3)
+        vcol.board(cp_mv=6000)
+        time.sleep(3.0)  # several boots went out unanswered meanwhile
+        for gw in _serial_gateway(vcol):
+            opened = time.monotonic()
+            gw.wait_call("BootNotification", timeout_s=5)
+            gw.wait_call("StartTransaction", timeout_s=3)
+            gw.wait_call("StatusNotification", lambda p: p["status"] == "Charging", timeout_s=3)
+            values = gw.wait_call("MeterValues", lambda p: p["currentA"][0] == 5, timeout_s=3)
+            assert values["seq"] >= 1
+            assert time.monotonic() - opened < 8

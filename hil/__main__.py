@@ -6,18 +6,12 @@ import argparse
 import sys
 
 
-def _demo(_args: argparse.Namespace) -> int:
-    print("make run: the site demo is not built yet (issue 6). Working today: `make test` "
-          "(firmware on CPython and MicroPython, broker and serial rigs) and `make firmware`.",
-          file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hil", description="EV column HIL harness")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run a whole virtual site on this machine (make run)")
-    demo.set_defaults(func=_demo)
+    from hil import demo
+
+    demo.add_parser(sub)
     from hil.cli_trace import add_import_parser, add_info_parser
 
     add_import_parser(sub)

@@ -44,7 +44,7 @@ hil: setup
 	$(PY) -m hil suite --target sim --report build/hil
 
 bench: setup
-	@echo "make bench: the benchmark suite is not built yet (issue 7)"; exit 2
+	$(PY) -m bench
 
 clean:
 	rm -rf build .pytest_cache

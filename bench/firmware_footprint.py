@@ -1,0 +1,331 @@
+"""firmware_footprint: the firmware's size in flash and RAM under the MicroPython unix port,
+loaded from its .mpy bundle as a board loads it, and the cost of its control step.
+
+- ``bundle_bytes``: ``tools.firmware_build`` output (every .mpy plus boot.py/main.py). Baseline:
+  the firmware's Python sources.
+- ``code_heap_bytes``: ``gc.mem_alloc()`` after a collection once every module a running column
+  loads (listed by booting the real app, bench/mpy/app_modules.py) is imported, with asyncio and
+  the virtual board's ``machine`` (bench/mpy/code_heap.py). Baseline: the empty interpreter.
+- ``peak_heap_bytes``: the highest ``heap_used`` (gc.mem_alloc) that hil/vcolumn_main.py reports
+  during a charging session with the meter polled and the gateway's own adapter on the link
+  (polls, heartbeats, a new limit every 0.5 s), in every link mode; the collector runs after every
+  1 KB allocated (bench/mpy/vcolumn_gc.py) so the figure is live data plus at most ~1 KB of
+  garbage. ``data_heap_bytes`` = peak - code of the same link mode; the headline is the link
+  mode with the highest peak.
+- ``allocs_per_step``: steps of a charging session that allocate, each run under
+  ``micropython.heap_lock()`` (bench/mpy/control_step.py); the step time is the same session on
+  both interpreters (CPython is the baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import hil.rig.vcolumn as vcolumn_mod
+from bench.stats import median, spread
+from bench.suite import Context
+from firmware.status import ST_CHARGING
+from gateway.south.cbor_columns import CborColumns, CborConfig, CborSerialColumn, CborTcpColumn
+from gateway.south.modbus_bus import ModbusRtuBus, RtuBusConfig, RtuColumn
+from gateway.south.modbus_tcp import ModbusTcpColumns, TcpColumn, TcpConfig
+from gateway.south.types import LimitCommand
+from hil.rig.firmware_proc import REPO, run_firmware
+from hil.rig.ports import free_port
+from hil.rig.serial_pair import SerialPair
+from hil.rig.vcolumn import VirtualColumn
+from tools.firmware_build import build
+
+MPY = Path(__file__).resolve().parent / "mpy"
+HEAP = "128K"
+GOALS = {"bundle_bytes": 32 * 1024, "peak_heap_bytes": 96 * 1024, "data_heap_bytes": 16 * 1024,
+         "allocs_per_step": 0}
+LINK_MODES = ("modbus-rtu", "modbus-tcp", "cbor-serial", "cbor-tcp")
+COLUMN_BASE: dict[str, Any] = {
+    "column_id": "fp-1", "bus_address": 1, "phases": 3, "hardware_rating_a": 32,
+    "installation_rating_a": 32, "failsafe_a": 6, "meter": {"type": "sdm630", "address": 1, "baud": 9600},
+    "heartbeat_timeout_s": 10, "min_pause_s": 0, "pwm_min_change_interval_s": 0,
+}
+LIMITS_A = (10.0, 16.0, 13.0)
+
+
+def _config(mode: str) -> dict[str, Any]:
+    if mode.endswith("-tcp"):
+        link: dict[str, Any] = {"mode": mode, "tcp_port": free_port(), "host": "127.0.0.1"}
+    else:
+        link = {"mode": mode, "baud": 115200}
+    return {**COLUMN_BASE, "link": link}
+
+
+def _mpy(script: str, args: list[str], bundle: Path, cwd: Path, timeout_s: float = 60.0) -> str:
+    done = run_firmware("micropython", MPY / script, args, heap=HEAP, timeout_s=timeout_s, cwd=cwd,
+                        bundle=bundle)
+    out = done.stdout.decode(errors="replace")
+    if done.returncode != 0:
+        err = (out + done.stderr.decode(errors="replace"))[-800:]
+        raise RuntimeError(f"{script} failed ({done.returncode}): {err}")
+    return out.strip().splitlines()[-1]
+
+
+# -- what a running column loads, and the heap its code takes ----------------------------------------
+
+def app_modules(mode: str, bundle: Path, work: Path) -> list[str]:
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = _config(mode)
+    (work / "column.json").write_text(json.dumps(cfg))
+    with SerialPair() as meter, SerialPair() as link:
+        link_arg = "-" if mode.endswith("-tcp") else link.b_path
+        names = json.loads(_mpy("app_modules.py", ["column.json", meter.b_path, link_arg], bundle, work))
+    # Dependencies first (the package, then the modules every link mode shares).
+    return sorted(names, key=lambda n: (n != "firmware", n))
+
+
+def code_heap(modules: list[str], bundle: Path, work: Path) -> dict[str, int]:
+    # A file, not argv: the unix port dies ("uncaught NLR") on a long argument here.
+    (work / "modules.txt").write_text("\n".join(modules) + "\n")
+    harness = str(REPO / "hil" / "vcolumn_main.py")
+    return json.loads(_mpy("code_heap.py", ["modules.txt", harness], bundle, work))
+
+
+# -- a charging session per link mode, heap sampled by the running column ------------------------------
+
+def _adapter(mode: str, col: VirtualColumn) -> Any:
+    cid = col.config["column_id"]
+    if mode == "modbus-rtu":
+        return ModbusRtuBus(RtuBusConfig(col.link_path or "", baud=115200, heartbeat_period_s=2.0),
+                            [RtuColumn(cid, 1, poll_period_s=0.25)])
+    if mode == "modbus-tcp":
+        return ModbusTcpColumns([TcpColumn(cid, "127.0.0.1", col.config["link"]["tcp_port"], 1,
+                                           poll_period_s=0.25)], TcpConfig(heartbeat_period_s=2.0))
+    column = (CborSerialColumn(cid, col.link_path or "", 115200) if mode == "cbor-serial"
+              else CborTcpColumn(cid, "127.0.0.1", col.config["link"]["tcp_port"]))
+    return CborColumns([column], CborConfig(heartbeat_interval_s=2))
+
+
+async def _drive(col: VirtualColumn, mode: str, seconds: float) -> None:
+    """Plug a car in, then a new limit every 0.5 s through the gateway's adapter for the link."""
+    cid = col.config["column_id"]
+    col.board(cp_mv=9000, diode=1, pp_ohms=220)
+    await asyncio.sleep(0.3)
+    col.board(cp_mv=6000)
+    col.meter.set_load([10.0, 10.0, 10.0])
+    adapter = _adapter(mode, col)
+    await adapter.start()
+
+    async def drain() -> None:
+        while True:
+            await adapter.events.get()
+
+    drainer = asyncio.create_task(drain())
+    try:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        n = 0
+        while loop.time() < end:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(adapter.set_limits(
+                    [LimitCommand(cid, LIMITS_A[n % len(LIMITS_A)], 60, failsafe_a=6.0)]), 2.0)
+            n += 1
+            for _ in range(5):
+                col.outputs()
+                await asyncio.sleep(0.1)
+    finally:
+        drainer.cancel()
+        await adapter.stop()
+
+
+@contextlib.contextmanager
+def _gc_runner() -> Iterator[None]:
+    """VirtualColumn starts bench/mpy/vcolumn_gc.py (vcolumn_main.py with a 1 KB GC threshold)."""
+    with mock.patch.object(vcolumn_mod, "RUNNER", MPY / "vcolumn_gc.py"):
+        yield
+
+
+def sessions(modes: tuple[str, ...], bundle: Path, work: Path, seconds: float) -> dict[str, dict[str, Any]]:
+    """One column per link mode, all at once; each one's heap reports and what it did."""
+    with ExitStack() as stack:
+        stack.enter_context(_gc_runner())
+        cols = {m: stack.enter_context(VirtualColumn("micropython", work / m, _config(m), bundle=bundle,
+                                                     heap=HEAP)) for m in modes}
+
+        async def main() -> None:
+            await asyncio.gather(*(_drive(col, m, seconds) for m, col in cols.items()))
+
+        asyncio.run(main())
+        out: dict[str, dict[str, Any]] = {}
+        for m, col in cols.items():
+            col.outputs()
+            log = col.board_log
+            heap = [int(e.get("heap_used", 0)) for e in log if e.get("heap_used")]
+            charging = [e for e in log if e.get("status") == ST_CHARGING and e.get("contactor")]
+            offers = sorted({int(e.get("offered_da", 0)) for e in charging})
+            out[m] = {"heap_samples": len(heap), "peak_heap_bytes": max(heap) if heap else None,
+                      "first_heap_bytes": heap[0] if heap else None,
+                      "charged": bool(charging), "offers_da_while_charging": offers}
+    return out
+
+
+# -- the control step ---------------------------------------------------------------------------------
+
+def control_step(bundle: Path, work: Path, steps: int, repeats: int) -> dict[str, Any]:
+    runs = {}
+    for interp in ("micropython", "cpython"):
+        done = run_firmware(interp, MPY / "control_step.py", [str(steps), str(repeats)], heap=HEAP,
+                            timeout_s=120, cwd=work, bundle=bundle)
+        text = done.stdout.decode(errors="replace").strip()
+        if done.returncode != 0:
+            err = (text + done.stderr.decode(errors="replace"))[-800:]
+            raise RuntimeError(f"control_step.py on {interp} failed: {err}")
+        runs[interp] = json.loads(text.splitlines()[-1])
+    per_step = {k: [t / steps for t in v["us_per_repeat"]] for k, v in runs.items()}
+    mpy, cpy = median(per_step["micropython"]), median(per_step["cpython"])
+    m = runs["micropython"]
+    return {"steps_that_allocated": m["steps_that_allocated"], "steps_locked": steps,
+            "bytes_allocated_per_step": m["bytes_allocated"] / steps,
+            "heap_lock_catches_allocations": m["heap_lock_catches_allocations"],
+            "us_per_step": {"micropython": round(mpy, 2), "cpython": round(cpy, 2)},
+            "spread_us_per_step": {k: spread(v, 2) for k, v in per_step.items()},
+            "ratio": round(mpy / cpy, 2) if cpy > 0 else None}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    work = ctx.work
+    bundle = build(out=work / "bundle")
+    sources = sorted((REPO / "firmware").glob("*.py"))
+    source_bytes = sum(p.stat().st_size for p in sources)
+    largest = sorted(((f.stat().st_size, f.name) for f in bundle.files), reverse=True)[:5]
+    modes = ("modbus-rtu",) if ctx.quick else LINK_MODES
+    per_mode: dict[str, dict[str, Any]] = {}
+    for m in modes:
+        mods = app_modules(m, bundle.root, work / ("probe-" + m))
+        heap = code_heap(mods, bundle.root, work)
+        mpy_files = [bundle.root / (n.replace(".", "/") + ".mpy") for n in mods if n != "firmware"]
+        mpy_files.append(bundle.root / "firmware" / "__init__.mpy")
+        per_mode[m] = {"modules": len(mods), "code_heap_bytes": heap["code"],
+                       "platform_heap_bytes": heap["platform"], "empty_heap_bytes": heap["empty"],
+                       "heap_total_bytes": heap["heap_total"],
+                       "harness_code_heap_bytes": heap["harness"] if heap["harness"] >= 0 else None,
+                       "loaded_mpy_bytes": sum(f.stat().st_size for f in mpy_files if f.exists())}
+    ctx.log("firmware_footprint: charging sessions in " + ", ".join(modes))
+    for m, s in sessions(modes, bundle.root, work / "sessions", 5.0 if ctx.quick else 12.0).items():
+        per_mode[m].update(s)
+        if s["peak_heap_bytes"] is not None:
+            p = per_mode[m]
+            p["data_heap_bytes"] = s["peak_heap_bytes"] - p["code_heap_bytes"]
+            if p["harness_code_heap_bytes"] is not None:
+                p["data_heap_bytes_without_harness_code"] = (p["data_heap_bytes"]
+                                                             - p["harness_code_heap_bytes"])
+    step = control_step(bundle.root, work, 3000 if ctx.quick else 6000, 3 if ctx.quick else 7)
+
+    measured = [m for m in modes if per_mode[m].get("peak_heap_bytes")]
+    worst = max(measured, key=lambda m: per_mode[m]["peak_heap_bytes"]) if measured else modes[0]
+    w = per_mode[worst]
+    allocs = step["steps_that_allocated"] / step["steps_locked"]
+    result: dict[str, Any] = {
+        "bundle_bytes": bundle.size_bytes,
+        "code_heap_bytes": w["code_heap_bytes"],
+        "peak_heap_bytes": w.get("peak_heap_bytes"),
+        "data_heap_bytes": w.get("data_heap_bytes"),
+        "allocs_per_step": 0 if step["steps_that_allocated"] == 0 else allocs,
+        "data_heap_bytes_without_harness_code": w.get("data_heap_bytes_without_harness_code"),
+        "harness_code_heap_bytes": w.get("harness_code_heap_bytes"),
+        "step_time_ratio_mpy_vs_cpython": step["ratio"],
+        "link_mode": worst,
+        "firmware_code_heap_bytes": w["code_heap_bytes"] - w["platform_heap_bytes"],
+        "per_link_mode": per_mode,
+        "control_step": step,
+        "bundle_files": len(bundle.files),
+        "largest_mpy_files": [{"file": n, "bytes": b} for b, n in largest],
+        "gc_threshold_bytes": 1024,
+        "heap_size": HEAP,
+        "baseline": {
+            "name": "the firmware's Python sources (bundle), the empty MicroPython heap (code heap), "
+                    "CPython running the same control-step session (step time)",
+            "source_bytes": source_bytes,
+            "empty_heap_bytes": w["empty_heap_bytes"],
+            "cpython_us_per_step": step["us_per_step"]["cpython"],
+            "summary": f"sources {source_bytes / 1024:.1f} KB; empty heap {w['empty_heap_bytes']} B; "
+                       f"CPython {step['us_per_step']['cpython']} µs per step vs MicroPython "
+                       f"{step['us_per_step']['micropython']} µs",
+        },
+        "goal": "bundle ≤ 32 KB, peak heap ≤ 96 KB, data heap ≤ 16 KB, 0 allocations per step",
+        "method": __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
+    }
+    checks = {
+        "bundle_bytes": bundle.size_bytes <= GOALS["bundle_bytes"],
+        "peak_heap_bytes": _within(w.get("peak_heap_bytes"), GOALS["peak_heap_bytes"]),
+        "data_heap_bytes": _within(w.get("data_heap_bytes"), GOALS["data_heap_bytes"]),
+        "allocs_per_step": step["steps_that_allocated"] == 0 and step["heap_lock_catches_allocations"],
+    }
+    result["goals"] = checks
+    result["goal_met"] = all(checks.values())
+    result["notes"] = _notes(result, per_mode, modes)
+    result["bottleneck"] = _bottlenecks(result, checks, per_mode, modes)
+    result["table"] = {
+        "header": ["link mode", "modules", "loaded .mpy", "code heap", "peak heap", "data heap", "samples",
+                   "charged"],
+        "rows": [[m, p["modules"], _kb(p["loaded_mpy_bytes"]), _kb(p["code_heap_bytes"]),
+                  _kb(p.get("peak_heap_bytes")), _kb(p.get("data_heap_bytes")), p.get("heap_samples"),
+                  "yes" if p.get("charged") else "no"] for m, p in per_mode.items()],
+    }
+    return result
+
+
+def _within(value: int | None, goal: int) -> bool:
+    return value is not None and value <= goal
+
+
+def _kb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1024:.1f} KB"
+
+
+def _notes(r: dict[str, Any], per_mode: dict[str, dict[str, Any]], modes: tuple[str, ...]) -> list[str]:
+    step = r["control_step"]
+    notes = [
+        f"Headline link mode: {r['link_mode']} (the highest peak of {', '.join(modes)}); heap figures are "
+        f"from the 64-bit unix port with a {HEAP} heap (objects are larger than on a 32-bit board).",
+        f"code heap = firmware modules + asyncio + the virtual board's machine module; of it the firmware's "
+        f"own modules take {_kb(r['firmware_code_heap_bytes'])}. The data heap includes the test harness: "
+        f"hil/vcolumn_main.py's own code takes {_kb(r['harness_code_heap_bytes'])} (its source compiled and "
+        f"run up to the line that starts the column), which leaves "
+        f"{_kb(r['data_heap_bytes_without_harness_code'])} of data.",
+        f"Peak heap is sampled by the column itself at every pilot or contactor change (heap_used), "
+        f"with the collector run after every {r['gc_threshold_bytes']} B allocated.",
+        f"Control step: {step['steps_locked']} steps of a whole charging session under heap_lock, "
+        f"{step['steps_that_allocated']} allocated (heap_lock proven to catch an allocation: "
+        f"{step['heap_lock_catches_allocations']}); {step['us_per_step']['micropython']} µs per step on "
+        f"MicroPython, {step['us_per_step']['cpython']} µs on CPython.",
+    ]
+    not_charged = [m for m in modes if not per_mode[m].get("charged")]
+    if not_charged:
+        notes.append("No charging seen in " + ", ".join(not_charged) + ": their peaks are not a session's.")
+    return notes
+
+
+def _bottlenecks(r: dict[str, Any], checks: dict[str, bool], per_mode: dict[str, dict[str, Any]],
+                 modes: tuple[str, ...]) -> list[str]:
+    out = []
+    if not checks["bundle_bytes"]:
+        big = ", ".join(f"{f['file']} {f['bytes'] / 1024:.1f} KB" for f in r["largest_mpy_files"])
+        smallest = min(modes, key=lambda m: per_mode[m]["loaded_mpy_bytes"])
+        out.append(f"bundle {r['bundle_bytes'] / 1024:.1f} KB > 32 KB: it ships every link mode; the "
+                   f"largest files are {big}. The modules one column runs ({smallest}) take "
+                   f"{per_mode[smallest]['loaded_mpy_bytes'] / 1024:.1f} KB of .mpy.")
+    if (not checks["peak_heap_bytes"] or not checks["data_heap_bytes"]) and r["peak_heap_bytes"]:
+        w = per_mode[r["link_mode"]]
+        share = 100.0 * r["code_heap_bytes"] / r["peak_heap_bytes"]
+        expand = w["code_heap_bytes"] - w["platform_heap_bytes"]
+        out.append(f"heap in {r['link_mode']}: peak {_kb(r['peak_heap_bytes'])} = code "
+                   f"{_kb(r['code_heap_bytes'])} ({share:.0f} %) + data {_kb(r['data_heap_bytes'])}. The "
+                   f"firmware's code takes {_kb(expand)} of RAM for {_kb(w['loaded_mpy_bytes'])} of .mpy "
+                   f"({expand / max(1, w['loaded_mpy_bytes']):.1f}x on this 64-bit port); the data figure "
+                   f"includes the harness's code ({_kb(w.get('harness_code_heap_bytes'))}) and line buffers.")
+    if not checks["allocs_per_step"]:
+        out.append("the control step allocates: see control_step.steps_that_allocated")
+    return out

@@ -1,0 +1,165 @@
+"""One step of columns_per_core: the gateway service (gateway.service.GatewayService, as
+`python -m gateway run` builds it) in this process for one site file, measured from inside.
+
+    python -m bench.gw_scale SITE.toml OUT.json --window S [--settle S] [--profile OUT.prof]
+
+Once every column is online and `--settle` seconds have passed, it measures for `--window`
+seconds: the process's CPU (all threads, so paho's network thread too), one sample a second;
+poll lateness (how late each column's poll is taken against its schedule: PollSchedule.take is
+wrapped here to record it, nothing else is changed); how long each telemetry round holds the
+event loop (GatewayService.telemetry and the outbox transaction, timed the same way); polls,
+telemetry messages acknowledged by the broker, the outbox backlog, events dropped, RSS. With
+--profile, cProfile records the event loop's thread during the window. It writes OUT.json, then
+stops the service cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.config import load_config
+from gateway.service import GatewayService
+from gateway.south.schedule import Due, PollSchedule
+
+LATE_S: list[float] = []
+TELEMETRY_S: list[float] = []   # one telemetry round: payloads built and queued in the outbox
+
+
+def _record_telemetry() -> None:
+    """Time each telemetry round on the event loop (building every column's payload, then the one
+    outbox transaction), by wrapping GatewayService.telemetry and ._enqueue; nothing else changes."""
+    build = GatewayService.telemetry
+    enqueue = GatewayService._enqueue
+    started: list[float] = []
+
+    def timed_build(self: GatewayService) -> Any:
+        started.append(time.perf_counter())
+        return build(self)
+
+    def timed_enqueue(self: GatewayService, messages: Any) -> None:
+        enqueue(self, messages)
+        if started and len(messages) > 1:
+            TELEMETRY_S.append(time.perf_counter() - started.pop())
+
+    GatewayService.telemetry = timed_build  # type: ignore[method-assign]
+    GatewayService._enqueue = timed_enqueue  # type: ignore[method-assign]
+
+
+def _record_lateness() -> None:
+    take = PollSchedule.take
+
+    def measured(self: PollSchedule[Any, Any], now: float) -> Due[Any] | None:
+        due = take(self, now)
+        if due is not None and due.key == "poll":
+            LATE_S.append(due.late_s)
+        return due
+
+    PollSchedule.take = measured  # type: ignore[method-assign]
+
+
+def rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _counters(service: GatewayService) -> tuple[int, int, int, int, int]:
+    tcp: Any = service.south.adapters["modbus-tcp"]
+    pub, outbox = service.publisher, service.outbox
+    assert pub is not None and outbox is not None
+    return tcp.stats.polls, tcp.stats.poll_failures, tcp.stats.events_dropped, pub.stats.acked, len(outbox)
+
+
+async def measure(service: GatewayService, settle_s: float, window_s: float, online_timeout_s: float,
+                  profile: cProfile.Profile | None) -> dict[str, Any]:
+    await asyncio.wait_for(service.ready.wait(), 60)
+    t0 = time.monotonic()
+    n = len(service.views)
+    while sum(1 for v in service.views.values() if v.online) < n and time.monotonic() - t0 < online_timeout_s:
+        await asyncio.sleep(0.2)
+    online_s = time.monotonic() - t0
+    online = sum(1 for v in service.views.values() if v.online)
+    await asyncio.sleep(settle_s)
+    stats0 = _counters(service)
+    LATE_S.clear()
+    TELEMETRY_S.clear()
+    samples = []
+    if profile is not None:
+        profile.enable()
+    w0, c0 = time.monotonic(), time.process_time()
+    last_w, last_c = w0, c0
+    while time.monotonic() - w0 < window_s:
+        await asyncio.sleep(1.0)
+        w, c = time.monotonic(), time.process_time()
+        samples.append((c - last_c) / (w - last_w))
+        last_w, last_c = w, c
+    wall, cpu = time.monotonic() - w0, time.process_time() - c0
+    if profile is not None:
+        profile.disable()
+    stats1 = _counters(service)
+    late = sorted(LATE_S)
+    channels = getattr(service.south.adapters["modbus-tcp"], "_channels", {})
+    return {
+        "columns": n, "online": online, "online_after_s": round(online_s, 1),
+        "window_s": round(wall, 2), "cpu_s": round(cpu, 3), "cpu_fraction": round(cpu / wall, 4),
+        "cpu_fraction_samples": [round(x, 4) for x in samples],
+        "polls": stats1[0] - stats0[0], "poll_failures": stats1[1] - stats0[1],
+        "events_dropped": stats1[2] - stats0[2], "telemetry_acked": stats1[3] - stats0[3],
+        "outbox_backlog_start": stats0[4], "outbox_backlog_end": stats1[4],
+        "lateness_samples": len(late),
+        "telemetry_round_ms": [round(1000 * x, 2) for x in TELEMETRY_S],
+        "lateness_s": late[:: max(1, len(late) // 20000)],   # at most ~20k samples back
+        "skipped_cycles": sum(ch.schedule.skipped_cycles for ch in channels.values()),
+        "rss_kb": rss_kb(),
+        "telemetry_interval_s": service.telemetry_interval_s,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    config = load_config(args.site)
+    service = GatewayService(config)
+    profile = cProfile.Profile() if args.profile else None
+    task = asyncio.create_task(service.run())
+    try:
+        result = await measure(service, args.settle, args.window, args.online_timeout, profile)
+        # Written before the (slow, hand-over) stop: the caller may stop waiting once it is there.
+        if profile is not None:
+            profile.dump_stats(args.profile)
+        args.out.write_text(json.dumps(result))
+    finally:
+        service.request_stop()
+        try:
+            await asyncio.wait_for(task, 60)
+        except (TimeoutError, Exception) as exc:  # report what was measured even if the stop is slow
+            print(f"gw_scale: stop: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gw_scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("site", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--window", type=float, default=8.0)
+    p.add_argument("--settle", type=float, default=3.0)
+    p.add_argument("--online-timeout", type=float, default=30.0)
+    p.add_argument("--profile", type=Path)
+    args = p.parse_args(argv)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _record_lateness()
+    _record_telemetry()
+    asyncio.run(main_async(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

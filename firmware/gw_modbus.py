@@ -11,6 +11,39 @@ _EX_DEVICE_FAILURE = 4
 _EX_ILLEGAL_VALUE = 3
 
 
+def _save_bus_address(path, new):
+    """Rewrite the config file at path with bus_address = new: 0 when saved, 03 when the
+    result would not validate (nothing written), 04 when the file cannot be read or
+    written. The technician's file is kept as written (no defaults merged in)."""
+    import json
+    import sys
+
+    import firmware
+
+    loaded = "firmware.config" in sys.modules
+    from firmware import config
+
+    try:
+        try:
+            with open(path) as f:
+                data = json.loads(f.read())
+        except Exception:
+            return _EX_DEVICE_FAILURE
+        if not isinstance(data, dict):
+            return _EX_ILLEGAL_VALUE
+        data["bus_address"] = new
+        if config.validate(data):
+            return _EX_ILLEGAL_VALUE
+        if config.save_config(path, data):
+            return _EX_DEVICE_FAILURE
+        return 0
+    finally:
+        if not loaded:  # as at boot (app._load_config_once): the validator costs ~13 KB of RAM
+            del sys.modules["firmware.config"]
+            if hasattr(firmware, "config"):
+                delattr(firmware, "config")
+
+
 class ModbusLink:
     """Owns the register images; the app refreshes `inputs` every control step."""
 
@@ -29,6 +62,7 @@ class ModbusLink:
         inp[regmap.IR_FW_VERSION] = (app.version[0] << 8) | app.version[1]
         inp[regmap.IR_FW_PATCH] = app.version[2]
         inp[regmap.IR_BUS_ADDRESS] = unit_id
+        regmap.put_ascii(inp, regmap.IR_COLUMN_ID, regmap.COLUMN_ID_WORDS, cfg.get("column_id", ""))
         # A broken config may lack these; the image then shows 0 next to the config flag.
         inp[regmap.IR_PHASES] = cfg.get("phases", 0)
         inp[regmap.IR_HARDWARE_RATING] = int(cfg.get("hardware_rating_a", 0) * 10)
@@ -51,6 +85,12 @@ class ModbusLink:
             return _EX_DEVICE_FAILURE  # a column with a broken config takes no commands
         end = start + count
         hold = self.holding
+        if start <= regmap.HR_ADDRESS_CONFIRM < end:
+            # A move is written alone (new address and/or confirm), so that a refused one
+            # changes nothing and an accepted one has no other effect to fail after it.
+            if start < regmap.HR_NEW_ADDRESS:
+                return _EX_ILLEGAL_VALUE
+            return self._change_address(hold[regmap.HR_NEW_ADDRESS], hold[regmap.HR_ADDRESS_CONFIRM])
         ctl = app.ctl
         ctl.heartbeat(now_ms)  # any accepted write proves the gateway is alive
         if start <= regmap.HR_FAILSAFE_LIMIT < end:
@@ -64,6 +104,30 @@ class ModbusLink:
             ctl.set_enabled(hold[regmap.HR_ENABLE] == 1)
         if start <= regmap.HR_RESET < end:
             app.request_reset()
+        return 0
+
+    def _change_address(self, new, confirm):
+        """Move the column to bus address `new` (commissioning, tools/commission.py): the
+        confirm must be regmap.address_confirm(current, new), and the config with the new
+        bus_address must validate and be saved (atomically) before the slave answers on
+        it. The reply to this write still goes out from the old address; every request
+        after it is answered on the new one. Rare and not on the control path: it may
+        allocate (the config validator is loaded for it and unloaded after)."""
+        current = self.slave.unit_id
+        if confirm != regmap.address_confirm(current, new) or not 1 <= new <= regmap.BROADCAST_MAX_ADDRESS:
+            return _EX_ILLEGAL_VALUE
+        if new == current:
+            return 0
+        app = self.app
+        code = _save_bus_address(app.config_path, new)
+        if code:
+            return code
+        cfg = dict(app.cfg)
+        cfg["bus_address"] = new
+        app.cfg = cfg
+        self.slave.unit_id = new
+        self.inputs[regmap.IR_BUS_ADDRESS] = new
+        app.log("bus address changed from %d to %d" % (current, new))
         return 0
 
     def _on_broadcast(self, limit_da, validity_s, now_ms):

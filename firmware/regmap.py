@@ -40,7 +40,12 @@ IR_PHASES = const(27)
 IR_HARDWARE_RATING = const(28)    # deci-amps
 IR_CABLE_RATING = const(29)       # deci-amps (0 = no cable)
 IR_UPTIME = const(30)             # uint32 s
-INPUT_COUNT = const(32)
+# A gateway polls registers 0..POLL_COUNT-1 every cycle; the column id after them is
+# static (read it once), so it costs the bus nothing per poll.
+POLL_COUNT = const(32)
+IR_COLUMN_ID = const(32)          # config column_id as ASCII, 2 chars a word (high byte
+COLUMN_ID_WORDS = const(16)       # first), zero-padded to 32 chars; static from boot
+INPUT_COUNT = const(48)
 
 # -- holding registers (FC03 read, FC06/FC16 write), each with a valid range -------------
 HR_ASSIGNED_LIMIT = const(0)      # deci-amps 0..800; a write (re)starts the validity
@@ -50,10 +55,13 @@ HR_HEARTBEAT = const(3)           # any write = gateway alive
 HR_ENABLE = const(4)              # 0 disabled (Unavailable), 1 enabled
 HR_RESET = const(5)               # only RESET_MAGIC accepted: reboot after the reply
 HR_COMMAND_SEQ = const(6)         # gateway bookkeeping, echoed
-HOLDING_COUNT = const(7)
+HR_NEW_ADDRESS = const(7)         # 1..247: bus address to move to; a write alone does nothing
+HR_ADDRESS_CONFIRM = const(8)     # address_confirm(current, new): applies HR_NEW_ADDRESS
+HOLDING_COUNT = const(9)
 
 MAX_LIMIT_DA = const(800)         # 80 A: the top of the IEC 61851 duty range
 RESET_MAGIC = const(0xA5A5)
+ADDRESS_CONFIRM_KEY = const(0xA5A5)
 
 # -- broadcast limit table (unit id 0, FC16 only, no reply) ------------------------------
 # Register BROADCAST_TABLE + a holds the limit for bus address a (1..247). The FIRST
@@ -92,6 +100,8 @@ HOLDING_RANGES = (
     (0, 1),                 # HR_ENABLE
     (RESET_MAGIC, RESET_MAGIC),  # HR_RESET
     (0, 0xFFFF),            # HR_COMMAND_SEQ
+    (1, BROADCAST_MAX_ADDRESS),  # HR_NEW_ADDRESS
+    (0, 0xFFFF),            # HR_ADDRESS_CONFIRM (checked against address_confirm())
 )
 
 
@@ -103,3 +113,24 @@ def put_u32(image, addr, value):
 
 def get_u32(image, addr):
     return (image[addr] << 16) | image[addr + 1]
+
+
+def address_confirm(current, new):
+    """The HR_ADDRESS_CONFIRM value that moves a column from bus address `current` to
+    `new`: it names both, so a stray or stale write cannot move a column anywhere."""
+    return ((current << 8) | new) ^ ADDRESS_CONFIRM_KEY
+
+
+def put_ascii(image, addr, words, text):
+    """Store text as ASCII, two chars a word, high byte first, zero-padded to `words`
+    words (longer text is cut; a char outside ASCII is stored as '?'). Read it back with
+    regmap_tables.get_ascii (not needed on a board)."""
+    n = len(text)
+    for i in range(2 * words):
+        c = ord(text[i]) if i < n else 0
+        if c > 0x7E:
+            c = 0x3F
+        if i & 1:
+            image[addr + (i >> 1)] |= c
+        else:
+            image[addr + (i >> 1)] = c << 8

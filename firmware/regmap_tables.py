@@ -6,7 +6,8 @@ from firmware import regmap as m
 
 def input_map():
     """Input registers: (name_with_unit, address, words, encoding, description).
-    Encodings: u16, u32 (high word first), enum (the firmware.status codes named), bits."""
+    Encodings: u16, u32 (high word first), enum (the firmware.status codes named), bits,
+    ascii (2 chars a word, high byte first, zero-padded: get_ascii)."""
     return (
         ("status_code", m.IR_STATUS, 1, "enum ST_*", "connector status"),
         ("cp_state", m.IR_CP_STATE, 1, "enum CP_*", "pilot state A..F = 0..5"),
@@ -36,6 +37,7 @@ def input_map():
         ("hardware_rating_da", m.IR_HARDWARE_RATING, 1, "u16", "config"),
         ("cable_rating_da", m.IR_CABLE_RATING, 1, "u16", "PP; 0 = no cable"),
         ("uptime_s", m.IR_UPTIME, 2, "u32", "since boot"),
+        ("column_id", m.IR_COLUMN_ID, m.COLUMN_ID_WORDS, "ascii", "config column_id, static"),
     )
 
 
@@ -55,6 +57,9 @@ def holding_map():
         _holding("enable", m.HR_ENABLE, "0 = Unavailable"),
         _holding("reset", m.HR_RESET, "0xA5A5 reboots"),
         _holding("command_seq", m.HR_COMMAND_SEQ, "echoed"),
+        _holding("new_address", m.HR_NEW_ADDRESS, "bus address to move to; no effect alone"),
+        _holding("address_confirm", m.HR_ADDRESS_CONFIRM,
+                 "((current << 8) | new) XOR 0xA5A5 moves the column to new_address"),
     )
 
 
@@ -66,3 +71,15 @@ def broadcast_map():
         ("limit_da", m.BROADCAST_TABLE + 1, m.BROADCAST_MAX_ADDRESS, "u16", 0, m.MAX_LIMIT_DA,
          "0xFFFF = no change"),
     )
+
+
+def get_ascii(image, addr, words):
+    """The text regmap.put_ascii stored (e.g. the column id): up to the first zero byte."""
+    out = []
+    for i in range(2 * words):
+        w = image[addr + (i >> 1)]
+        c = w & 0xFF if i & 1 else w >> 8
+        if c == 0:
+            break
+        out.append(chr(c))
+    return "".join(out)

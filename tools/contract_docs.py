@@ -45,6 +45,19 @@ def _registers() -> list[str]:
     out += ["", "### Holding registers (function 03 read, 06/16 write)", ""]
     out += _ranged(regmap_tables.holding_map())
     out += ["", "A value outside its range is refused with exception 03 and nothing is stored.", "",
+            "`column_id` holds the config's column id in ASCII, two characters a word, high byte",
+            "first, zero-padded. It never changes while the column runs, so the gateway polls only",
+            "0x0000..0x%04X (`POLL_COUNT` = %d registers); the commissioning tool reads the id."
+            % (regmap.POLL_COUNT - 1, regmap.POLL_COUNT), "",
+            "Changing the bus address (commissioning, `python -m tools.commission set-address`):",
+            "write `new_address` and `address_confirm` together (function 16 at 0x0007, 2 registers;",
+            "or function 06 to each, the confirm last), nothing else in the same write. The column",
+            "checks the confirm, validates its config with the new `bus_address` and saves it",
+            "atomically, answers the write from its old address, and from then on answers on the",
+            "new one (no reset needed; it boots on the new one too). A wrong confirm, an address",
+            "outside 1..247, a write with other registers or a config that would not validate is",
+            "refused with exception 03; a column whose config is broken or cannot be written",
+            "answers 04. A refused write changes nothing.", "",
             "### Broadcast limit table (unit id 0, function 16, no reply)", ""]
     out += _ranged(regmap_tables.broadcast_map())
     out += ["", "### Error flag bits (`error_flags`)", ""]

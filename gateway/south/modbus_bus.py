@@ -412,7 +412,7 @@ class ModbusRtuBus:
         self.events = self.sink.queue
         self.schedule: PollSchedule[Key, UrgentJob] = PollSchedule(budget=config.budget)
         turnaround = config.slave_turnaround_s
-        self._poll_cost = self.timing.exchange_s(READ_REQUEST_BYTES, read_reply_bytes(regmap.INPUT_COUNT),
+        self._poll_cost = self.timing.exchange_s(READ_REQUEST_BYTES, read_reply_bytes(regmap.POLL_COUNT),
                                                  turnaround)
         self._hb_cost = self.timing.exchange_s(WRITE_SINGLE_BYTES, WRITE_SINGLE_BYTES, turnaround)
         self._columns: dict[str, _Column] = {}
@@ -598,7 +598,7 @@ class ModbusRtuBus:
         address = col.cfg.address
         try:
             regs = await self._attempts(
-                col, lambda: self.requester.read_input(address, 0, regmap.INPUT_COUNT, col.timeout_s),
+                col, lambda: self.requester.read_input(address, 0, regmap.POLL_COUNT, col.timeout_s),
                 col.cfg.retries if online else 0)
         except ExchangeError as exc:
             self.stats.poll_failures += 1

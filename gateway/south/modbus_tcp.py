@@ -247,7 +247,7 @@ class ModbusTcpColumns:
 
     async def _poll(self, ch: _Channel) -> None:
         self.stats.polls += 1
-        op = partial(ch.requester.read_input, ch.cfg.unit, 0, regmap.INPUT_COUNT, ch.cfg.timeout_s)
+        op = partial(ch.requester.read_input, ch.cfg.unit, 0, regmap.POLL_COUNT, ch.cfg.timeout_s)
         try:
             regs = await self._attempts(ch, op, None if ch.tracker.link.online else 0)
         except ExchangeError as exc:

@@ -126,10 +126,10 @@ def validity_reg(validity_s: float) -> int | None:
 
 
 def decode_image(image: Sequence[int]) -> dict[str, int]:
-    """Every input register of ``regmap_tables.input_map()`` by name (32-bit fields joined)."""
+    """Every numeric input register of ``regmap_tables.input_map()`` by name (32-bit fields joined)."""
     out: dict[str, int] = {}
-    for name, addr, words, _enc, _desc in regmap_tables.input_map():
-        if addr + words > len(image):
+    for name, addr, words, enc, _desc in regmap_tables.input_map():
+        if enc == "ascii" or addr + words > len(image):  # text (the column id): not a number
             continue
         out[name] = regmap.get_u32(image, addr) if words == 2 else int(image[addr])
     return out

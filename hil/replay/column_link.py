@@ -304,12 +304,12 @@ class ModbusBus:
 
     def _poll(self, unit: _Unit) -> None:
         try:
-            reply = self.client.read_input_registers(0, count=regmap.INPUT_COUNT, device_id=unit.address)
+            reply = self.client.read_input_registers(0, count=regmap.POLL_COUNT, device_id=unit.address)
         except (ModbusException, OSError) as exc:
             self._count_failure(unit, "reads_failed", exc)
             return
         unit.stats.retries += getattr(reply, "retries", 0)
-        if reply.isError() or len(getattr(reply, "registers", ())) != regmap.INPUT_COUNT:
+        if reply.isError() or len(getattr(reply, "registers", ())) != regmap.POLL_COUNT:
             unit.stats.reads_failed += 1
             unit.stats.last_error = "read refused: %s" % (reply,)
             return

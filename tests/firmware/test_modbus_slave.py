@@ -81,10 +81,10 @@ def test_read_holding_registers():
 
 def test_read_out_of_range_is_illegal_address():
     slave, _ = make()
-    # Input registers 30..31 are the last two; 30..32 runs past the end.
-    assert ask(slave, with_crc("01 04 00 1E 00 02"))[1] == 0x04
-    assert ask(slave, with_crc("01 04 00 1E 00 03")) == hexbytes("01 84 02 C2 C1")
-    assert ask(slave, with_crc("01 03 00 07 00 01")) == with_crc("01 83 02")
+    # Input registers 46..47 are the last two; 46..48 runs past the end.
+    assert ask(slave, with_crc("01 04 00 2E 00 02"))[1] == 0x04
+    assert ask(slave, with_crc("01 04 00 2E 00 03")) == with_crc("01 84 02")
+    assert ask(slave, with_crc("01 03 00 09 00 01")) == with_crc("01 83 02")
     assert slave.exceptions == 2
 
 
@@ -106,7 +106,7 @@ def test_write_single_out_of_range_stores_nothing():
     assert ask(slave, with_crc("01 06 00 00 03 21")) == hexbytes("01 86 03 02 61")   # 801
     assert ask(slave, with_crc("01 06 00 04 00 02")) == hexbytes("01 86 03 02 61")   # enable 2
     assert ask(slave, with_crc("01 06 00 05 00 01")) == hexbytes("01 86 03 02 61")   # reset 1
-    assert ask(slave, with_crc("01 06 00 07 00 01")) == hexbytes("01 86 02 C3 A1")   # no reg 7
+    assert ask(slave, with_crc("01 06 00 09 00 01")) == hexbytes("01 86 02 C3 A1")   # no reg 9
     assert ask(slave, with_crc("01 06 01 01 00 10")) == hexbytes("01 86 02 C3 A1")   # table
     assert slave.holding[regmap.HR_ASSIGNED_LIMIT] == 0
     assert slave.holding[regmap.HR_ENABLE] == 1
@@ -140,7 +140,7 @@ def test_write_multiple_malformed_counts():
     slave, _ = make()
     assert ask(slave, with_crc("01 10 00 00 00 02 02 00 A0")) == with_crc("01 90 03")  # bytes != 2*n
     assert ask(slave, with_crc("01 10 00 00 00 00 00")) == with_crc("01 90 03")        # n = 0
-    assert ask(slave, with_crc("01 10 00 06 00 02 04 00 01 00 02")) == with_crc("01 90 02")
+    assert ask(slave, with_crc("01 10 00 08 00 02 04 00 01 00 02")) == with_crc("01 90 02")
 
 
 def test_refusal_from_the_app_rolls_the_write_back():
@@ -258,7 +258,7 @@ def test_tcp_read_keeps_the_transaction_id():
     # Unit 0xFF addresses the column too (the TCP convention), and is echoed.
     reply = tcp_ask(conn, hexbytes("00 02 00 00 00 06 FF 06 00 00 00 A0"))
     assert reply == hexbytes("00 02 00 00 00 06 FF 06 00 00 00 A0")
-    assert tcp_ask(conn, hexbytes("00 03 00 00 00 06 01 04 00 20 00 01")) == \
+    assert tcp_ask(conn, hexbytes("00 03 00 00 00 06 01 04 00 30 00 01")) == \
         hexbytes("00 03 00 00 00 03 01 84 02")
 
 

@@ -24,7 +24,7 @@ def test_holding_map_covers_every_register_once():
 def test_names_are_unique_and_rows_well_formed():
     names = []
     for row in regmap_tables.input_map():
-        assert len(row) == 5 and row[2] in (1, 2)
+        assert len(row) == 5 and (row[2] in (1, 2) or row[3] == "ascii")
         assert (row[2] == 2) == (row[3] == "u32"), row[0]
         names.append(row[0])
     for row in regmap_tables.holding_map() + regmap_tables.broadcast_map():
@@ -40,11 +40,13 @@ def test_the_proposed_layout_is_kept():
         rows[row[0]] = row[1]
     assert rows["status_code"] == 0 and rows["offered_current_da"] == 4
     assert rows["power_w"] == 11 and rows["energy_wh"] == 13 and rows["session_energy_wh"] == 15
-    assert rows["uptime_s"] == 30 and regmap.INPUT_COUNT == 32
+    assert rows["uptime_s"] == 30 and rows["column_id"] == 32 and regmap.INPUT_COUNT == 48
+    assert regmap.POLL_COUNT == regmap.IR_COLUMN_ID  # a poll reads every register that changes
     assert regmap.IR_CURRENT_L1 + 2 == regmap.IR_CURRENT_L3
     assert regmap.IR_VOLTAGE_L1 + 2 == regmap.IR_VOLTAGE_L3
     assert regmap.HR_ASSIGNED_LIMIT == 0 and regmap.HR_ASSIGNED_VALIDITY == 1
-    assert regmap.HR_RESET == 5 and regmap.HOLDING_COUNT == 7
+    assert regmap.HR_RESET == 5 and regmap.HR_NEW_ADDRESS == 7 and regmap.HR_ADDRESS_CONFIRM == 8
+    assert regmap.HOLDING_COUNT == 9
 
 
 def test_holding_ranges():

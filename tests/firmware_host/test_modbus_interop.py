@@ -79,7 +79,7 @@ def test_rtu_read_write_and_exceptions(interp: str, tmp_path: Path) -> None:
             assert regs[regmap.IR_FW_VERSION] == 0x0102 and regs[regmap.IR_BUS_ADDRESS] == 7
 
             rr = client.read_holding_registers(0, count=regmap.HOLDING_COUNT, device_id=7)
-            assert rr.registers == [0, 0, 60, 0, 1, 0, 0]
+            assert rr.registers == [0, 0, 60, 0, 1, 0, 0, 0, 0]
 
             # The gateway assigns 16 A for 120 s: stored, and the column's logic saw it.
             assert not client.write_registers(regmap.HR_ASSIGNED_LIMIT, [160, 120], device_id=7).isError()
@@ -90,10 +90,10 @@ def test_rtu_read_write_and_exceptions(interp: str, tmp_path: Path) -> None:
             assert not client.write_register(regmap.HR_FAILSAFE_LIMIT, 80, device_id=7).isError()
             assert not client.write_register(regmap.HR_HEARTBEAT, 0xBEEF, device_id=7).isError()
 
-            check_exception(client.read_input_registers(30, count=3, device_id=7), 2)
+            check_exception(client.read_input_registers(regmap.INPUT_COUNT - 2, count=3, device_id=7), 2)
             check_exception(client.write_register(regmap.HR_ASSIGNED_LIMIT, 801, device_id=7), 3)
             check_exception(client.write_register(regmap.HR_RESET, 1, device_id=7), 3)
-            check_exception(client.write_register(7, 1, device_id=7), 2)
+            check_exception(client.write_register(regmap.HOLDING_COUNT, 1, device_id=7), 2)
             check_exception(client.write_registers(0, [100, 60, 900], device_id=7), 3)
             check_exception(client.read_coils(0, count=1, device_id=7), 1)
             # FC17 has a length rule too; FC43 has none: the line's silence delimits it.
@@ -101,7 +101,7 @@ def test_rtu_read_write_and_exceptions(interp: str, tmp_path: Path) -> None:
             check_exception(client.read_device_information(device_id=7), 1)
 
             rr = client.read_holding_registers(0, count=regmap.HOLDING_COUNT, device_id=7)
-            assert rr.registers == [160, 120, 80, 0xBEEF, 1, 0, 0]   # refused writes changed nothing
+            assert rr.registers == [160, 120, 80, 0xBEEF, 1, 0, 0, 0, 0]   # refused writes changed nothing
             rr = client.read_input_registers(regmap.IR_BAD_FRAMES, count=1, device_id=7)
             assert rr.registers == [0]
         finally:
@@ -178,7 +178,7 @@ def test_tcp_read_write_exceptions_and_broadcast(interp: str, tmp_path: Path) ->
             assert not (await client.write_register(1, 30, device_id=5)).isError()
             rr = await client.read_input_registers(regmap.IR_OFFERED_CURRENT, count=1, device_id=5)
             assert rr.registers == [250]
-            check_exception(await client.read_input_registers(32, count=1, device_id=5), 2)
+            check_exception(await client.read_input_registers(regmap.INPUT_COUNT, count=1, device_id=5), 2)
             check_exception(await client.write_register(4, 2, device_id=5), 3)
             check_exception(await client.read_coils(0, count=1, device_id=5), 1)
             # Unit 0xFF addresses the column on TCP; a different unit gets no answer.

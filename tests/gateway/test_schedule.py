@@ -14,7 +14,7 @@ from gateway.south.schedule import (
     write_multiple_request_bytes,
 )
 
-POLL_REPLY = read_reply_bytes(regmap.INPUT_COUNT)   # 32 registers: 69 bytes
+POLL_REPLY = read_reply_bytes(regmap.POLL_COUNT)   # 32 registers: 69 bytes
 
 
 def test_character_and_gap_times_follow_the_rtu_rules() -> None:

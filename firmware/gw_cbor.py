@@ -21,6 +21,7 @@ _BOOT_RETRY_MAX_MS = const(30000)   # ... doubling up to 30 s (a gateway that op
 _MAX_HELD_EVENTS = const(8)         # session events kept while the gateway is not there
 _METER_VALUES_MS = const(10000)
 _STATUS_MIN_MS = const(1000)   # offered-current-only changes are reported at most this often
+_MV_CHANGE_DA = const(10)      # a phase current moved this much (1 A): MeterValues now, not in 10 s
 _EV_START = const(1)           # firmware.session.EV_SESSION_START
 _EV_STOP = const(2)            # firmware.session.EV_SESSION_STOP
 # firmware.session stop reason code -> contract name (messages.STOP_REASONS); "Other" for
@@ -51,6 +52,7 @@ class CborLink:
         self._hb_sent_ms = 0
         self._mv_sent_ms = 0
         self._mv_measured = False   # a MeterValues with a real meter reading has gone out
+        self._mv_current_da = [0, 0, 0]  # the phase currents that last went out
         self._status = None         # (status, error, cp, source, offered) last reported
         self._status_ms = 0
         self._seq = 0
@@ -103,8 +105,21 @@ class CborLink:
             self._send("StatusNotification", now_ms)
         meter = self.app.meter
         first_reading = not self._mv_measured and meter is not None and meter.cycles > 0
-        if first_reading or elapsed_ms(now_ms, self._mv_sent_ms) >= _METER_VALUES_MS:
+        since = elapsed_ms(now_ms, self._mv_sent_ms)
+        if first_reading or since >= _METER_VALUES_MS or (
+                since >= _STATUS_MIN_MS and self._current_moved(meter)):
             self._send("MeterValues", now_ms)
+
+    def _current_moved(self, meter):
+        """The gateway shares the site on measured current: a real change must not wait 10 s."""
+        if meter is None:
+            return False
+        sent = self._mv_current_da
+        cur = meter.current_da
+        for i in range(3):
+            if abs(cur[i] - sent[i]) >= _MV_CHANGE_DA:
+                return True
+        return False
 
     def on_event(self, kind, session_id, energy_wh, reason, now_ms):
         """Session events are told once the gateway has accepted our boot; until then they
@@ -187,6 +202,8 @@ class CborLink:
             self._mv_sent_ms = now_ms
             if measured:
                 self._mv_measured = True
+                for i in range(3):
+                    self._mv_current_da[i] = app.meter.current_da[i]
 
     def _on_boot(self, answer):
         if isinstance(answer, dict) and answer.get("status") == "Accepted":

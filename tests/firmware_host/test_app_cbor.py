@@ -264,3 +264,30 @@ def test_a_serial_column_booted_before_its_gateway_is_fully_reported_once_heard(
             values = gw.wait_call("MeterValues", lambda p: p["currentA"][0] == 5, timeout_s=3)
             assert values["seq"] >= 1
             assert time.monotonic() - opened < 8
+
+
+@pytest.mark.parametrize("interp", INTERPRETERS)
+def test_a_change_in_the_cars_draw_is_sent_within_seconds_not_at_the_next_10_s_round(
+        interp: str, tmp_path: Path, bundle: Path) -> None:
+    """The gateway shares the site on measured current and reports it to the DNO each second:
+    a 1 A move must not wait for the periodic MeterValues."""
+    port = free_port()
+    config = dict(CONFIG, link={"mode": "cbor-tcp", "tcp_port": port, "host": "127.0.0.1"})
+    with VirtualColumn(interp, tmp_path / "col", config, bundle=bundle) as vcol:
+        for gw in _tcp_gateway(port):
+            gw.wait_call("BootNotification")
+            vcol.board(cp_mv=9000, diode=1, pp_ohms=220)
+            gw.wait_call("StartTransaction")
+            vcol.board(cp_mv=6000)
+            gw.wait_call("MeterValues", timeout_s=3)      # the first reading, at 0 A
+            vcol.meter.set_load([7.0, 7.0, 7.0])
+            moved = time.monotonic()
+            gw.wait_call("MeterValues", lambda p: p["currentA"] == [7, 7, 7], timeout_s=4)
+            assert time.monotonic() - moved < 4
+            # A small wobble (under 1 A) is not worth a message; the 10 s round covers it.
+            vcol.meter.set_load([7.4, 7.4, 7.4])
+            seen = len([n for n, _ in gw.calls if n == "MeterValues"])
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                gw.pump()
+            assert len([n for n, _ in gw.calls if n == "MeterValues"]) == seen

@@ -363,7 +363,7 @@ def test_a_signed_site_limit_is_acked_applied_and_shown_in_telemetry(rig: Rig) -
         assert tele.payload["applied_limit_a"] == 10
         assert tele.payload["limit_source"] == "gateway"
         assert tele.payload["status"] == "Charging"
-        assert tele.payload["current_a"][0] == 5
+        assert tele.payload["current_a"][0] == 5, (cid, tele.payload)
     event = rig.dno.wait_for("limit_changed", on(topics.site_events(SITE), event="limit_changed"), since=t0)
     assert event.payload["limit_a"] == 50 and event.payload["limit_source"] == "dno"
 

@@ -224,13 +224,36 @@ def validate(data):
     return check(data)[1]
 
 
-def load_config(path):
-    """(cfg, errors) from the JSON file at path. Never raises."""
+def _read(path):
+    """The file's text, or the exception that stopped the read."""
     try:
         with open(path) as f:
-            text = f.read()
+            return f.read()
     except Exception as exc:
-        return check({})[0], ["config: cannot read %s (%s)" % (path, exc)]
+        return exc
+
+
+def load_config(path):
+    """(cfg, errors) from the JSON file at path. Never raises.
+
+    A missing file next to a valid path + ".tmp" is a save cut between the old file's
+    removal and the rename (FAT renames over a file that way): the temp file was complete
+    before the old one went, so it is the new config; it is used and renamed into place."""
+    text = _read(path)
+    if type(text) is not str:
+        spare = _read(path + ".tmp")
+        if type(spare) is str:
+            try:
+                cfg, errors = check(json.loads(spare))
+            except Exception:
+                errors = True
+            if not errors:
+                try:
+                    os.rename(path + ".tmp", path)
+                except Exception:
+                    pass
+                return cfg, errors
+        return check({})[0], ["config: cannot read %s (%s)" % (path, text)]
     try:
         data = json.loads(text)
     except Exception as exc:  # ValueError; MicroPython gives no position
@@ -239,8 +262,9 @@ def load_config(path):
 
 
 def save_config(path, cfg):
-    """Validate cfg and write it atomically (temp file + rename): a power cut leaves the
-    old file or the new one, never a torn one. Returns errors ([] = written)."""
+    """Validate cfg and write it atomically (temp file, synced, then renamed over path): a
+    power cut leaves the old file or the new one, never a torn one (see load_config for
+    FAT's rename). Returns errors ([] = written)."""
     errors = validate(cfg)
     if errors:
         return errors

@@ -3,15 +3,24 @@
 # Two slots (A/B) hold fixed-size records; each write goes to the slot that does NOT hold
 # the newest good record, so a power cut at any byte of a write damages at most the record
 # being written and the other slot still holds the previous one. At load, the valid record
-# (magic, version, size, CRC-16) with the newest sequence number wins.
+# (magic, version, size, tail, CRC-16) with the newest sequence number wins.
+#
+# Torn writes: a cut leaves the slot with the new record's first bytes followed by the
+# slot's old bytes, erased flash (0xFF) or nothing. The sequence number sits at byte 4 and
+# its low 15 bits again in the last field before the CRC, so such a mix carries the new
+# number at the head and the old one (or 0xFFFF, which no tail holds) at the tail and is
+# rejected whatever its CRC says: only a record whose data bytes all arrived can pass.
+# Other damage (bits flipped in place) is left to the CRC-16. A failed write still uses
+# up its sequence number, so a retry never shares a number with what the failure left.
 #
 # Write quantum (flash wear vs. loss): the energy is kept in RAM and written when it has
 # moved by >= quantum_wh since the last write, or when quantum_ms has passed since the last
-# write and anything changed. So a power cut loses less than one quantum: under quantum_wh
-# Wh, and never more than what was metered since the previous write. With the defaults
-# (10 Wh / 60 s) a 10 kWh session costs at most ~1000 writes of one 38-byte record.
-# Session start/stop and the boot count are written at once: they are rare and must not
-# be lost. The register never goes backwards: a lower reading is rejected and counted.
+# write and anything changed. So a power cut loses the energy since the last completed
+# write: less than quantum_wh plus the one reading being written when the cut came. With
+# the defaults (10 Wh / 60 s) a 10 kWh session costs at most ~1000 writes of one 40-byte
+# record. Session start/stop and the boot count are written at once: they are rare and
+# must not be lost. The register never goes backwards: a lower reading is rejected and
+# counted.
 import struct
 
 from firmware.clock import elapsed_ms
@@ -23,13 +32,17 @@ except ImportError:  # CPython
     const = lambda x: x  # noqa: E731
 
 # Record, little-endian: magic u16, version u8, flags u8, seq u32, energy_wh u64,
-# session_id u32, session_start_wh u64, sessions_total u32, boots u32, crc u16 (over all
-# bytes before it). Field offsets are the _O_ constants.
-_FMT = "<HBBIQIQIIH"
-RECORD_SIZE = const(38)
-_CRC_AT = const(36)
+# session_id u32, session_start_wh u64, sessions_total u32, boots u32, tail u16 (seq &
+# 0x7FFF), crc u16 (over all bytes before it). Version 1 records (38 bytes: no tail) are
+# still read, so a firmware update keeps the register; every write is version 2.
+_FMT = "<HBBIQIQIIHH"
+_FMT_V1 = "<HBBIQIQIIH"
+RECORD_SIZE = const(40)
+_V1_SIZE = const(38)
+_CRC_AT = const(38)
+_TAIL_MASK = const(0x7FFF)
 _MAGIC = const(0x5345)  # "ES" little-endian
-VERSION = const(1)
+VERSION = const(2)
 _FLAG_SESSION = const(1)
 _U32 = const(0xFFFFFFFF)
 _HALF = const(0x7FFFFFFF)
@@ -82,12 +95,14 @@ class EnergyStore:
         if data is None or len(data) == 0:
             self.slot_status[slot] = SLOT_MISSING
             return None
-        if len(data) != RECORD_SIZE:
+        n = len(data)
+        v1 = n == _V1_SIZE and data[2] == 1
+        if n != RECORD_SIZE and not v1:
             self.slot_status[slot] = SLOT_CORRUPT
             return None
-        fields = struct.unpack_from(_FMT, data, 0)
-        if fields[0] != _MAGIC or fields[1] != VERSION or fields[9] != crc16(data, 0, _CRC_AT) \
-                or fields[6] > fields[4]:
+        fields = struct.unpack_from(_FMT_V1 if v1 else _FMT, data, 0)
+        if fields[0] != _MAGIC or (not v1 and (fields[1] != VERSION or fields[9] != fields[3] & _TAIL_MASK)) \
+                or fields[-1] != crc16(data, 0, n - 2) or fields[6] > fields[4]:
             self.slot_status[slot] = SLOT_CORRUPT
             return None
         self.slot_status[slot] = SLOT_OK
@@ -143,8 +158,9 @@ class EnergyStore:
         struct.pack_into(_FMT, buf, 0, _MAGIC, VERSION,
                          _FLAG_SESSION if self.session_active else 0, seq, self.energy_wh,
                          self.session_id, self.session_start_wh, self.sessions_total,
-                         self.boots, 0)
+                         self.boots, seq & _TAIL_MASK, 0)
         struct.pack_into("<H", buf, _CRC_AT, crc16(buf, 0, _CRC_AT))
+        self.seq = seq  # used up even if the write fails (see the torn-write note above)
         try:
             self.flash.write(self._next_slot, buf)
         except Exception:
@@ -152,7 +168,6 @@ class EnergyStore:
             self.write_errors += 1
             self._fail_ms = now_ms
             return False
-        self.seq = seq
         self._next_slot = 1 - self._next_slot
         self._written_wh = self.energy_wh
         self._dirty = False

@@ -211,6 +211,13 @@ class CborLink:
             self._heartbeat_ms = answer["heartbeatIntervalS"] * 1000
 
     # -- calls we serve ------------------------------------------------------------------
+    def _refuse_unless_trusted(self):
+        """Config writes and resets come only from the gateway that accepted our boot on
+        this connection; a column with a broken config takes neither (see firmware.md)."""
+        if not self.accepted:
+            raise MessageError("SecurityError", "BootNotification not accepted on this link")
+        self._refuse_if_unconfigured()
+
     def _refuse_if_unconfigured(self):
         if self.app.config_errors:
             raise MessageError("GenericError", "column configuration invalid: " +
@@ -239,7 +246,7 @@ class CborLink:
         return dict(configuration=known, unknownKeys=unknown)
 
     def _change_configuration(self, payload, now_ms):
-        self._refuse_if_unconfigured()
+        self._refuse_unless_trusted()
         key = payload["key"]
         if key not in _CHANGEABLE:
             return dict(status="NotSupported")
@@ -257,6 +264,7 @@ class CborLink:
         return dict(status="RebootRequired")
 
     def _reset(self, payload, now_ms):
+        self._refuse_unless_trusted()
         self.app.request_reset()
         return dict(status="Accepted")
 

@@ -74,8 +74,9 @@ def test_round_trip_through_files():
 
 
 def test_record_layout_is_fixed():
-    # Little-endian magic "ES", version 1, flags (bit 0 session open), seq, energy u64,
-    # session id, session start u64, sessions total, boots, CRC-16/MODBUS.
+    # Little-endian magic "ES", version 2, flags (bit 0 session open), seq, energy u64,
+    # session id, session start u64, sessions total, boots, tail (seq & 0x7FFF),
+    # CRC-16/MODBUS.
     flash = MemFlash()
     store = EnergyStore(flash)
     store.load(count_boot=False)
@@ -87,10 +88,10 @@ def test_record_layout_is_fixed():
     store.boots = 5
     store.session_active = True
     assert store.flush(0)
-    assert len(flash.slots[0]) == RECORD_SIZE == 38
+    assert len(flash.slots[0]) == RECORD_SIZE == 40
     assert flash.slots[0] == hexbytes(
-        "45 53 01 01 07 00 00 00 40 e2 01 00 00 00 00 00 03 00 00 00 c0 d4 01 00 00 00 00 00"
-        " 02 00 00 00 05 00 00 00 07 67")
+        "45 53 02 01 07 00 00 00 40 e2 01 00 00 00 00 00 03 00 00 00 c0 d4 01 00 00 00 00 00"
+        " 02 00 00 00 05 00 00 00 07 00 01 cc")
 
 
 def test_writes_alternate_between_slots():
@@ -335,13 +336,13 @@ def test_failed_write_is_counted_and_retried_on_the_same_slot():
     good = flash.slots[0]
     flash.fail = True
     assert store.update(10, 0) is False  # would go to slot 1: fails, no exception
-    assert store.write_errors == 1 and store.seq == 1
+    assert store.write_errors == 1 and store.seq == 2  # seq 2 is used up by the failed write
     assert store.update(30, 1000) is False  # backoff: no retry within the time quantum
     assert store.write_errors == 1
     flash.fail = False
     assert store.update(40, 60000) is True
     assert flash.log == [0, 1] and flash.slots[0] == good  # the good slot was never touched
-    assert store.seq == 2
+    assert store.seq == 3  # the failed write used up seq 2: the retry never shares its number
 
 
 def test_update_without_a_write_allocates_nothing():

@@ -1,9 +1,10 @@
 # Power cuts in the middle of an energy-store write: after the cut, a fresh boot must load
 # the previous or the new record, never less than the previous, never a corrupt one.
-# Runs under CPython and MicroPython (a tiny LCG instead of `random`, same on both).
+# Runs under CPython and MicroPython. Random cuts of every write (energy and config), a
+# thousand per run: test_power_cut_random.py.
 import os
 
-from firmware.energy_store import RECORD_SIZE, SLOT_OK, EnergyStore
+from firmware.energy_store import RECORD_SIZE, EnergyStore
 from firmware.flash import FileFlash
 
 MPY_HEAP = "64K"
@@ -134,54 +135,3 @@ def test_cut_at_every_byte_of_session_start_and_stop():
             assert final.energy_wh in (20, 45)
             assert final.sessions_total == (0 if final.session_active else 1)
             assert final.session_id == 1 and final.session_start_wh == 20
-
-
-class Lcg:
-    """Numerical Recipes LCG: identical sequences on CPython and MicroPython."""
-
-    def __init__(self, seed):
-        self.state = seed & 0xFFFFFFFF
-
-    def below(self, n):
-        self.state = (self.state * 1664525 + 1013904223) & 0xFFFFFFFF
-        return (self.state >> 8) % n
-
-
-def test_a_thousand_random_power_cuts():
-    rng = Lcg(20240611)
-    _reset()
-    store = _boot(count_boot=True)
-    persisted = store.energy_wh
-    true_wh = 0
-    boots = store.boots
-    t_ms = 0
-    for _ in range(1000):
-        store.flash.arm(rng.below(4), rng.below(RECORD_SIZE + 1), MODES[rng.below(3)])
-        cut = False
-        while not cut:
-            step = rng.below(25)  # Wh per reading, sometimes 0, sometimes over a quantum
-            true_wh += step
-            t_ms += 1000 * (1 + rng.below(30))
-            before = store.energy_wh
-            if rng.below(20) == 0:
-                if store.session_active:
-                    store.stop_session(t_ms)
-                else:
-                    store.start_session(t_ms)
-            store.update(true_wh, t_ms)
-            cut = store.flash.cuts > 0
-            if not cut:
-                persisted = store.energy_wh - store.pending_wh()
-        pending = store.energy_wh
-        store = _boot(count_boot=True)
-        assert store.slot_status[0] == SLOT_OK or store.slot_status[1] == SLOT_OK
-        assert store.energy_wh >= persisted  # never backwards
-        assert store.energy_wh <= pending
-        assert pending == true_wh
-        # lost: less than one quantum, plus the reading whose write the cut interrupted
-        assert pending - store.energy_wh < 10 + (pending - before)
-        assert store.boots in (boots + 1, boots + 2)  # this boot; the previous one may have been cut
-        boots = store.boots
-        # the meter keeps its own register: the next reading continues from the true value
-        persisted = store.energy_wh
-    assert store.energy_wh > 1000

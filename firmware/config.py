@@ -1,5 +1,7 @@
 # The column's commissioning config: a JSON file written once at commissioning and checked
-# at every boot. The schema (keys, types, ranges) lives here; the default values live in
+# at every boot. The schema (keys, types, ranges) lives here, but for the bounds of the keys
+# a gateway may change at run time and the file write, which a running column needs after
+# this validator is unloaded (firmware/config_runtime.py); the default values live in
 # firmware/controller.py as DEFAULTS, next to the code that uses them, and are merged in.
 # A key is required unless DEFAULTS gives it a value; the identity and rating keys are
 # always required. Unknown keys are errors: a typo must not silently fall back to a default.
@@ -8,6 +10,7 @@
 import json
 import os
 
+from firmware.config_runtime import MAX_HARDWARE_A, RUN_TIME, failsafe_rule, write_config
 from firmware.controller import DEFAULTS
 
 try:
@@ -15,7 +18,7 @@ try:
 except ImportError:  # CPython
     const = lambda x: x  # noqa: E731
 
-_INT = const(0)     # int in lo..hi
+_INT = const(0)     # int in lo..hi (as config_runtime.RUN_TIME's kinds)
 _NUM = const(1)     # int or float in lo..hi
 _ID = const(2)      # str of lo..hi chars from A-Z a-z 0-9 _ -
 _HOST = const(3)    # str of lo..hi chars from A-Z a-z 0-9 . - : (name, IPv4, IPv6)
@@ -31,7 +34,7 @@ METER_TYPES = ("sdm630", "sdm120")
 LINK_MODES = ("modbus-rtu", "modbus-tcp", "cbor-serial", "cbor-tcp")
 _SERIAL_MODES = ("modbus-rtu", "cbor-serial")
 _TCP_MODES = ("modbus-tcp", "cbor-tcp")
-MAX_HARDWARE_A = 80  # IEC 61851 PWM cannot signal more
+
 
 # (key, type, lo, hi, presence)
 _METER = (
@@ -51,15 +54,15 @@ _TOP = (
     ("phases", _ONE_OF, (1, 3), None, _REQ),
     ("hardware_rating_a", _NUM, 6, MAX_HARDWARE_A, _REQ),
     ("installation_rating_a", _NUM, 6, MAX_HARDWARE_A, _REQ),  # and <= hardware_rating_a
-    ("failsafe_a", _NUM, 0, MAX_HARDWARE_A, _REQ),             # 0 or 6..installation_rating_a
+    RUN_TIME[0] + (_REQ,),  # failsafe_a: 0 or 6..installation_rating_a (config_runtime)
     ("meter", _SECTION, _METER, None, _REQ),
     ("link", _SECTION, _LINK, None, _REQ),
-    ("heartbeat_timeout_s", _INT, 10, 3600, _OPT),
-    ("min_pause_s", _INT, 0, 3600, _OPT),
+    RUN_TIME[1] + (_OPT,),  # heartbeat_timeout_s
+    RUN_TIME[2] + (_OPT,),  # min_pause_s
     ("overdraw_tolerance_pct", _INT, 0, 50, _OPT),
     ("overdraw_offset_a", _NUM, 0, 5, _OPT),
     ("overdraw_grace_s", _INT, 1, 60, _OPT),
-    ("meter_stale_s", _INT, 2, 120, _OPT),
+    RUN_TIME[3] + (_OPT,),  # meter_stale_s
     ("energy_quantum_wh", _INT, 1, 1000, _OPT),
     ("energy_quantum_s", _INT, 10, 3600, _OPT),
     ("cp_debounce_ms", _INT, 10, 1000, _OPT),
@@ -194,12 +197,13 @@ def _cross_check(cfg, data, errors):
     if hw is not None and inst is not None and inst > hw:
         errors.append("installation_rating_a: %s is above hardware_rating_a %s" % (_show(inst), _show(hw)))
         inst = None
-    if fs is not None and 0 < fs < 6:
+    rule = 0 if fs is None else failsafe_rule(fs, inst, hw)
+    if rule == 1:
         errors.append("failsafe_a: %s is out of range (0 or 6..installation_rating_a)" % _show(fs))
-    elif fs is not None and inst is not None and fs > inst:
-        errors.append("failsafe_a: %s is above installation_rating_a %s" % (_show(fs), _show(inst)))
-    elif fs is not None and hw is not None and fs > hw:
-        errors.append("failsafe_a: %s is above hardware_rating_a %s" % (_show(fs), _show(hw)))
+    elif rule:
+        errors.append("failsafe_a: %s is above %s %s" % (
+            _show(fs), "installation_rating_a" if rule == 2 else "hardware_rating_a",
+            _show(inst if rule == 2 else hw)))
     link = cfg.get("link")
     mode = link.get("mode") if link else None
     raw = data.get("link") if isinstance(data, dict) else None
@@ -262,29 +266,7 @@ def load_config(path):
 
 
 def save_config(path, cfg):
-    """Validate cfg and write it atomically (temp file, synced, then renamed over path): a
-    power cut leaves the old file or the new one, never a torn one (see load_config for
-    FAT's rename). Returns errors ([] = written)."""
-    errors = validate(cfg)
-    if errors:
-        return errors
-    tmp = path + ".tmp"
-    try:
-        f = open(tmp, "w")
-        try:
-            f.write(json.dumps(cfg))
-            f.flush()
-            if hasattr(os, "fsync"):  # CPython
-                os.fsync(f.fileno())
-        finally:
-            f.close()
-        if not hasattr(os, "fsync") and hasattr(os, "sync"):  # MicroPython boards
-            os.sync()
-        os.rename(tmp, path)  # replaces path on unix, littlefs and MicroPython's FAT
-    except Exception as exc:
-        try:
-            os.remove(tmp)
-        except Exception:
-            pass
-        return ["config: cannot write %s (%s)" % (path, exc)]
-    return []
+    """Validate cfg and write it atomically (config_runtime.write_config: a power cut leaves
+    the old file or the new one, see load_config for FAT's rename). Returns errors ([] =
+    written)."""
+    return validate(cfg) or write_config(path, cfg)

@@ -7,6 +7,7 @@
 # firmware/messages.py, instead of string objects each module would keep its own copy of.
 from firmware.cbor_link import Link
 from firmware.clock import elapsed_ms
+from firmware.config_runtime import change
 from firmware.messages import MessageError
 from firmware.session import STOP_REASON_NAMES
 from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
@@ -27,8 +28,6 @@ _EV_STOP = const(2)            # firmware.session.EV_SESSION_STOP
 # firmware.session stop reason code -> contract name (messages.STOP_REASONS); "Other" for
 # STOP_NONE, which no stop event carries.
 STOP_NAMES = ("Other",) + STOP_REASON_NAMES[1:]
-# Keys a gateway may change at run time; anything else is refused (ratings above all).
-_CHANGEABLE = ("failsafe_a", "heartbeat_timeout_s", "min_pause_s", "meter_stale_s")
 
 
 class CborLink:
@@ -247,16 +246,16 @@ class CborLink:
 
     def _change_configuration(self, payload, now_ms):
         self._refuse_unless_trusted()
-        key = payload["key"]
-        if key not in _CHANGEABLE:
-            return dict(status="NotSupported")
-        from firmware.config import save_config
-
+        # Only the keys of config_runtime.RUN_TIME, checked against the config the column
+        # booted with (valid, or the call was refused): not the whole validator, which a
+        # running column no longer has room for.
         app = self.app
-        new = dict(app.cfg)
-        new[key] = payload["value"]
-        if save_config(app.config_path, new):
-            return dict(status="Rejected")  # invalid value: nothing written, nothing changed
+        key = payload["key"]
+        new = change(app.config_path, app.cfg, key, payload["value"])
+        if new is None:
+            return dict(status="NotSupported")  # ratings above all
+        if not new:
+            return dict(status="Rejected")  # invalid value or failed write: nothing changed
         app.cfg = new
         if key == "failsafe_a":
             app.ctl.set_failsafe(int(payload["value"] * 10))

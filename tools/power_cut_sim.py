@@ -151,9 +151,9 @@ STEPS = ("write", "sync", "remove", "rename")
 
 
 class CutFs:
-    """Stands in for `open` and `os` in firmware.config and cuts the power at the armed
-    step. `fat` renames over an existing file as MicroPython's FAT driver does: remove the
-    old file, then rename."""
+    """Stands in for `open` and `os` in firmware.config_runtime, which writes every config
+    file, and cuts the power at the armed step. `fat` renames over an existing file as
+    MicroPython's FAT driver does: remove the old file, then rename."""
 
     def __init__(self, campaign):
         self.campaign = campaign
@@ -335,11 +335,11 @@ class Campaign:
                                 log=lambda *a: None)
 
     def _config_module(self, cut):
-        """firmware.config as the link code will find it, with its file access cut."""
-        from firmware import config
+        """firmware.config as the link code will find it, with its file writes cut."""
+        from firmware import config, config_runtime
 
-        config.open = cut.open
-        config.os = cut
+        config_runtime.open = cut.open
+        config_runtime.os = cut
         return config
 
     def config_cut(self, kind):
@@ -369,8 +369,10 @@ class Campaign:
         except PowerCut:
             pass
         finally:
-            del config.open
-            config.os = os
+            from firmware import config_runtime
+
+            del config_runtime.open
+            config_runtime.os = os
         if result is not None and not self._written(kind, result):
             new = old  # refused: nothing may change
         self._check_boot(old, new, kind)

@@ -3,7 +3,7 @@
 import json
 import os
 
-from firmware import config
+from firmware import config, config_runtime
 from firmware.config import load_config, save_config, schema_keys, validate
 from firmware.controller import DEFAULTS
 
@@ -335,14 +335,15 @@ def test_power_cut_while_saving_leaves_old_or_new():
     text = json.dumps(new)
     assert save_config("column.json", old) == []
     for budget in range(0, len(text) + 1, 3):
-        config.open = lambda path, mode="r", b=budget: _CutFile(path, b) if "w" in mode else open(path, mode)
+        config_runtime.open = lambda path, mode="r", b=budget: (_CutFile(path, b) if "w" in mode
+                                                                else open(path, mode))
         try:
             save_config("column.json", new)
             cut = False
         except PowerCut:
             cut = True
         finally:
-            del config.open
+            del config_runtime.open
         cfg, errors = load_config("column.json")
         assert errors == [], (budget, errors)
         assert cfg["column_id"] == ("col-7" if cut else "col-8"), budget
@@ -359,15 +360,15 @@ def test_cut_before_the_rename_keeps_the_old_file():
             raise PowerCut()
 
     assert save_config("column.json", _minimal()) == []
-    real_os = config.os
-    config.os = CutOs()
+    real_os = config_runtime.os
+    config_runtime.os = CutOs()
     try:
         save_config("column.json", _with("column_id", "col-8"))
         raise AssertionError("no cut")
     except PowerCut:
         pass
     finally:
-        config.os = real_os
+        config_runtime.os = real_os
     assert load_config("column.json")[0]["column_id"] == "col-7"
 
 

@@ -9,7 +9,7 @@ import os
 import machine
 
 from firmware import app as firmware_app
-from firmware import config
+from firmware import config_runtime
 from firmware.config import load_config, save_config
 
 OLD = {
@@ -38,14 +38,14 @@ class FatOs:
 
 def _cut_between_remove_and_rename():
     assert save_config("column.json", OLD) == []
-    config.os = FatOs()
+    config_runtime.os = FatOs()
     try:
         save_config("column.json", NEW)
         raise AssertionError("no cut")
     except PowerCut:
         pass
     finally:
-        config.os = os
+        config_runtime.os = os
     names = os.listdir(".")
     assert "column.json" not in names and "column.json.tmp" in names
 

@@ -154,17 +154,6 @@ def test_cbor_config_writes_and_resets_only_from_the_gateway_that_accepted_the_b
         gw.close()
 
 
-# On the MicroPython virtual column in CBOR-TCP mode the ChangeConfiguration of a run-time
-# key answers InternalError (MemoryError): loading the config validator takes about 8 KB
-# and the app plus the harness leave about 10 KB of the 128 KB heap, fragmented. Nothing
-# is written (it fails safe). Strict: this turns into a failure once it works.
-_VALIDATOR_RAM = pytest.mark.xfail(strict=True, reason="the config validator does not fit the "
-                                   "128 KB heap of the MicroPython CBOR-TCP virtual column")
-
-
-@pytest.mark.parametrize("cbor_column", [pytest.param("cpython"),
-                                         pytest.param("micropython", marks=_VALIDATOR_RAM)],
-                         indirect=True)
 def test_cbor_a_trusted_gateway_changes_run_time_keys_within_the_ratings_only(
         cbor_column: tuple[VirtualColumn, int]) -> None:
     vcol, port = cbor_column

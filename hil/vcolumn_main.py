@@ -9,6 +9,14 @@
 # changes: {"t": ms, "duty": 5000, "contactor": 1, "offered_da": 300, "status": 2,
 # "heap_used": bytes}. MicroPython-compatible code only (it runs on the unix port), kept
 # small: its code shares the column's heap (a few functions, no classes).
+#
+# {"tap": 1} in adds the firmware's own view to every line out, for a harness that is not
+# the gateway on the link (hil/replay/site_target.py): CP state "cp", limit source "src",
+# failsafe active "fs", error "err", energy register "wh", and what the link handed the
+# controller: assignments "na" (count), "ada" (deci-amps), "as" (validity s); heartbeats
+# "nh"; failsafe limits "nf" (count), "fda" (deci-amps, the one in force). The counts start
+# from what the controller holds when the tap is switched on: "na" 1 for a valid assignment
+# (with the seconds it has left), "nh" 1 for a live gateway, "nf" 0.
 import asyncio
 import gc
 import json
@@ -42,6 +50,40 @@ def set_cp(cp_mv, diode):
                                              hal.cp_mv_to_raw(-12000 if diode else -cp_mv))
 
 
+def tap_link(ctl, now_ms):
+    """Wrap the controller's link entry points to count and remember what the gateway link
+    hands it; returns the tap record [na, ada, as, nh, nf, fda] the wrappers update."""
+    lim = ctl.limits
+    valid = lim.gateway_valid
+    tap = [1 if valid else 0, lim.gateway_da if valid else 0, lim.assignment_remaining_s(now_ms),
+           1 if lim.gateway_alive else 0, 0, lim.failsafe_da]
+    assign, beat, failsafe = ctl.assign_limit, ctl.heartbeat, ctl.set_failsafe
+
+    def assign_limit(limit_da, validity_s, now_ms):
+        applied = assign(limit_da, validity_s, now_ms)
+        if applied >= 0:
+            tap[0] += 1
+            tap[1] = limit_da
+            tap[2] = validity_s
+        return applied
+
+    def heartbeat(now_ms):
+        beat(now_ms)
+        tap[3] += 1
+
+    def set_failsafe(limit_da):
+        applied = failsafe(limit_da)
+        if applied >= 0:
+            tap[4] += 1
+            tap[5] = applied
+        return applied
+
+    ctl.assign_limit = assign_limit
+    ctl.heartbeat = heartbeat
+    ctl.set_failsafe = set_failsafe
+    return tap
+
+
 async def board_world(io, column):
     """Applies the harness's analogue inputs to the virtual board and reports outputs."""
     board = machine.board
@@ -52,6 +94,7 @@ async def board_world(io, column):
     buf = b""
     rx = bytearray(256)  # reused: reading into a new buffer every 5 ms would churn the heap
     last = None
+    tap = None
     while True:
         changed = False
         n = io.readinto(rx)
@@ -69,6 +112,8 @@ async def board_world(io, column):
                         board.adc_u16[pins["pp_adc"]] = hal.pp_ohms_to_raw(int(msg["pp_ohms"]))
                     if "rcd" in msg:
                         board.pin_levels[pins["rcd"]] = int(msg["rcd"])
+                    if msg.get("tap") and tap is None:
+                        tap = tap_link(column.ctl, clock.ticks_ms())
                 except (ValueError, KeyError, TypeError, AttributeError):
                     print("vcolumn: bad io line", line)
         if changed:
@@ -76,13 +121,22 @@ async def board_world(io, column):
         coil = board.pin_levels.get(pins["contactor"], 0)
         board.pin_levels[pins["contactor_fb"]] = coil if fb < 0 else fb
         ctl = column.ctl
-        state = (ctl.duty, coil, ctl.offered_da, ctl.status)
+        if tap is None:
+            state = (ctl.duty, coil, ctl.offered_da, ctl.status)
+        else:
+            state = (ctl.duty, coil, ctl.offered_da, ctl.status, ctl.cp_state, ctl.limit_source,
+                     ctl.failsafe_active, ctl.error, column.energy_wh, tap[0], tap[3], tap[4])
         if state != last:
             last = state
-            io.write(json.dumps({"t": clock.ticks_ms(), "duty": ctl.duty, "contactor": coil,
-                                 "offered_da": ctl.offered_da, "status": ctl.status,
-                                 "heap_used": gc.mem_alloc() if hasattr(gc, "mem_alloc") else 0})
-                     .encode() + b"\n")
+            out = {"t": clock.ticks_ms(), "duty": ctl.duty, "contactor": coil,
+                   "offered_da": ctl.offered_da, "status": ctl.status,
+                   "heap_used": gc.mem_alloc() if hasattr(gc, "mem_alloc") else 0}
+            if tap is not None:
+                out.update(cp=ctl.cp_state, src=ctl.limit_source, fs=int(ctl.failsafe_active),
+                           err=ctl.error, wh=column.energy_wh, na=tap[0], ada=tap[1],
+                           nh=tap[3], nf=tap[4], fda=tap[5])
+                out["as"] = tap[2]
+            io.write(json.dumps(out).encode() + b"\n")
         await asyncio.sleep(0.005)
 
 

@@ -1,4 +1,4 @@
-"""`python -m hil replay TRACE --target sim|mpy|serial:PORT [--speed max|N] [--report DIR]` and
+"""`python -m hil replay TRACE --target sim|mpy|site|serial:PORT [--speed max|N] [--report DIR]` and
 `python -m hil suite [--target sim] [--report DIR]` (what `make hil` runs).
 
 `replay` exits 0 when every check came out as expected (every oracle passes, or fails
@@ -10,10 +10,10 @@ temporary folder and replays each trace on a fresh target; it exits 0 iff all of
 pass. Scenarios too long for real time (meta realtime_ok false, e.g. the 24 h site) are
 skipped on realtime targets and listed as skipped.
 
-The `mpy` and `serial:PORT` targets live in hil/replay/mpy.py and
-hil/replay/serial_target.py, imported only when asked for. Each module exposes
-`make_target(arg, *, speed)` (arg: None for mpy, the port for serial), or the classes
-`MpyTarget(speed=...)` / `SerialTarget(port, speed=...)`.
+The `mpy`, `site[:OPTIONS]` and `serial:PORT` targets live in hil/replay/mpy.py,
+hil/replay/site_target.py and hil/replay/serial_target.py, imported only when asked for.
+Each module exposes `make_target(arg, *, speed)` (arg: None for mpy, the options for site,
+the port for serial), or the classes `MpyTarget(speed=...)` / `SerialTarget(port, speed=...)`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from hil.replay.target import Target, TargetError
 from hil.trace.format import TraceError, TraceReader
 
 _Subparsers = argparse._SubParsersAction  # what ArgumentParser.add_subparsers() returns
-_REALTIME = {"mpy": ("hil.replay.mpy", "MpyTarget"), "serial": ("hil.replay.serial_target", "SerialTarget")}
+_REALTIME = {"mpy": ("hil.replay.mpy", "MpyTarget"), "serial": ("hil.replay.serial_target", "SerialTarget"),
+             "site": ("hil.replay.site_target", "SiteTarget")}
+_ARG = {"mpy": False, "serial": True}   # whether the target needs an argument (site: optional)
 
 
 class UsageError(Exception):
@@ -57,14 +59,14 @@ def parse_speed(text: str) -> float:
 
 
 def make_target(spec: str, speed: float | None = None) -> Target:
-    """A fresh target from a --target value: sim, mpy or serial:PORT."""
+    """A fresh target from a --target value: sim, mpy, site[:OPTIONS] or serial:PORT."""
     name, _, arg = spec.partition(":")
     if name == "sim" and not arg:
         from hil.replay.sim import SimTarget
 
         return SimTarget()
-    if name not in _REALTIME or (name == "serial") != bool(arg):
-        raise UsageError("unknown target %r (use sim, mpy or serial:PORT)" % spec)
+    if name not in _REALTIME or _ARG.get(name, bool(arg)) != bool(arg):
+        raise UsageError("unknown target %r (use sim, mpy, site[:OPTIONS] or serial:PORT)" % spec)
     module_name, class_name = _REALTIME[name]
     try:
         module = importlib.import_module(module_name)
@@ -82,6 +84,8 @@ def make_target(spec: str, speed: float | None = None) -> Target:
         if cls is None:
             raise UsageError("%s has neither make_target() nor %s" % (module_name, class_name))
         return cls(arg, speed=speed) if arg else cls(speed=speed)
+    except ValueError as exc:   # options the target refuses
+        raise UsageError("target %s: %s" % (spec, exc)) from None
     except (TargetError, OSError, TimeoutError) as exc:
         raise UsageError("target %s does not answer: %s" % (spec, exc)) from None
 
@@ -175,7 +179,8 @@ def add_replay_parser(sub: _Subparsers[argparse.ArgumentParser]) -> None:
         "replay",
         help="replay a trace against columns under test and judge it",
         description="Replay TRACE against a target (sim: the firmware core in this process "
-        "in virtual time; mpy: the firmware in the MicroPython unix port; "
+        "in virtual time; mpy: the firmware in the MicroPython unix port; site: the real "
+        "gateway, broker and virtual columns, options micropython, mixed, hang; "
         "serial:PORT: a board on a serial port), print the checks, exit 0 when "
         "all come out as expected.",
     )
@@ -188,14 +193,15 @@ def add_replay_parser(sub: _Subparsers[argparse.ArgumentParser]) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="sim", metavar="sim|mpy|serial:PORT", help="columns under test (sim)")
+    p.add_argument("--target", default="sim", metavar="sim|mpy|site|serial:PORT",
+                   help="columns under test (sim)")
     p.add_argument(
         "--speed",
         type=parse_speed,
         default=None,
         metavar="max|N",
         help="virtual time per wall second: max or a factor (1 = real time); default max for "
-        "sim, 1 for mpy and serial",
+        "sim, 1 for mpy, site and serial (site: 1 only)",
     )
     p.add_argument("--report", metavar="DIR", help="write summary.json, junit.xml and PNG plots here")
     p.add_argument("--no-plots", action="store_true", help="with --report: skip the PNG plots")

@@ -76,7 +76,7 @@ from hil.replay.oracles import (
     check_telemetry,
 )
 from hil.replay.report import ColumnPlot, PlotData
-from hil.replay.target import ColumnOutputs, Target
+from hil.replay.target import ColumnOutputs, GatewayWrite, Target
 from hil.replay.world import ZERO3, ColumnWorld, ms_to_stop
 from hil.trace.channels import split_name
 from hil.trace.format import Record, TraceError, TraceReader
@@ -212,6 +212,7 @@ class Replay:
         self._rec_sum = 0.0
         self._rec_n = 0
         self._dno_down = 0
+        self.gateway_in_loop = False
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self, header: dict[str, Any]) -> None:
@@ -276,6 +277,12 @@ class Replay:
             self.notes.append(
                 "column limit from the trace's recorded pilot.offered_a: " + ", ".join(sorted(recorded))
             )
+        # A target with the real gateway in the loop (hil.replay.target: gateway_in_loop) is
+        # told the site first; the model above then only says what the DNO demands.
+        self.gateway_in_loop = bool(getattr(self.target, "gateway_in_loop", False))
+        set_site = getattr(self.target, "set_site", None)
+        if callable(set_site):
+            set_site(site, settings)
         try:
             self.target.start(configs)
         except ReplayError:
@@ -298,6 +305,9 @@ class Replay:
                 self.rejected.append(
                     "%.3f s: DNO limit %r refused by the gateway (%s)" % (t / 1000.0, value, reason)
                 )
+            dno_command = getattr(self.target, "dno_command", None)
+            if callable(dno_command):
+                dno_command(column, t, dict(value))
             return
         if base == "link.fault":
             self._fault(t, column, value)
@@ -353,13 +363,18 @@ class Replay:
         end = t + duration
         cols = [self.cols[column]] if column is not None else list(self.cols.values())
         if link == "dno":
+            dno_link = getattr(self.target, "dno_link", None)
             self.gw.set_dno_link(t, False)
             self._dno_down += 1
+            if self._dno_down == 1 and callable(dno_link):
+                dno_link(t, False)
 
             def dno_up(now: int) -> None:
                 self._dno_down -= 1
                 if self._dno_down == 0:
                     self.gw.set_dno_link(now, True)
+                    if callable(dno_link):
+                        dno_link(now, True)
 
             self._at(end, dno_up)
             return
@@ -418,6 +433,9 @@ class Replay:
 
     # -- the gateway's commands ---------------------------------------------------------------
     def _send(self, cmd: Command, t: int) -> None:
+        if self.gateway_in_loop:  # the real gateway decides; its writes come from gateway_writes()
+            self.gw.delivered(cmd, t, True)
+            return
         col = self.cols[cmd.column_id]
         if not col.noise:
             self._deliver(cmd, t)
@@ -447,6 +465,14 @@ class Replay:
             if cmd.limit_a != col.delivered_a:
                 col.delivered_a = cmd.limit_a
                 self._wake(col, t, hot=True)
+
+    def _gateway_write(self, col: ColumnWorld, w: GatewayWrite) -> None:
+        """What the real gateway handed a column (gateway_in_loop targets)."""
+        if w.limit_a is None:
+            col.oracle.gateway_seen(w.t_ms, w.failsafe_a)
+        else:
+            col.oracle.assignment(w.t_ms, w.limit_a, w.validity_s, w.failsafe_a)
+            col.delivered_a = w.limit_a
 
     def _gateway(self, t: int) -> None:
         gw = self.gw
@@ -540,8 +566,12 @@ class Replay:
         gw = self.gw
         realtime = target.realtime
         site_moved = False
+        writes = getattr(target, "gateway_writes", None) if self.gateway_in_loop else None
         for col in cols:
             out = target.outputs(col.id)
+            if writes is not None:
+                for w in writes(col.id):
+                    self._gateway_write(col, w)
             cp = col.presented_cp()
             ev = col.ev
             offered = out.offered_a

@@ -311,6 +311,7 @@ class ColumnOracles:
         self.dno: LimitWatch | None = None
         self._assign: float | None = None
         self._assign_until = 0
+        self._kept: tuple[float, int] | None = None  # the last assignment, for gateway_seen()
         self._alive_until = 0
         self._failsafe = info.failsafe_a
         allow = cfg.timing_allowance_ms
@@ -356,9 +357,25 @@ class ColumnOracles:
         before = self.in_force(t_ms)
         if validity_s <= 0:
             self._assign = None
+            self._kept = None
         else:
             self._assign = max(0.0, float(limit_a))
             self._assign_until = t_ms + min(int(validity_s), 86400) * 1000
+            self._kept = (self._assign, self._assign_until)
+        self._alive_until = t_ms + self.info.heartbeat_ms
+        if failsafe_a is not None:
+            self._failsafe = max(0.0, float(failsafe_a))
+        if self.in_force(t_ms) != before:
+            self._set(t_ms)
+
+    def gateway_seen(self, t_ms: int, failsafe_a: float | None = None) -> None:
+        """A sign of life from the gateway that is no assignment (a heartbeat), maybe with a
+        new pre-assigned failsafe: an assignment still valid is in force again, as in the
+        firmware (fed by targets with the real gateway in the loop)."""
+        self._expire(t_ms)
+        before = self.in_force(t_ms)
+        if self._assign is None and self._kept is not None and self._kept[1] > t_ms:
+            self._assign, self._assign_until = self._kept
         self._alive_until = t_ms + self.info.heartbeat_ms
         if failsafe_a is not None:
             self._failsafe = max(0.0, float(failsafe_a))
@@ -377,6 +394,7 @@ class ColumnOracles:
         self._expire(t_ms)
         self.cuts += 1
         self._assign = None
+        self._kept = None
         self._failsafe = self.info.failsafe_a
         self._set(t_ms)
 

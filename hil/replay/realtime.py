@@ -73,7 +73,7 @@ class Column:
 
     column_id: str
     config: dict[str, Any]
-    bus: ModbusBus
+    bus: ModbusBus | None    # None: the harness is not the gateway on the link (hil.replay.site_target)
     board: BoardIo | None = None
     meter: SdmMeterModel | None = None
     power: Callable[[bool], None] | None = None
@@ -117,10 +117,16 @@ class RealtimeColumns:
             raise TargetError("unknown column %r (this target has %s)"
                               % (column_id, ", ".join(sorted(self.columns)) or "none")) from None
 
+    @staticmethod
+    def _bus(col: Column) -> ModbusBus:
+        if col.bus is None:
+            raise TargetError("column %s: the harness has no link of its own to it" % col.column_id)
+        return col.bus
+
     def _wait_booted(self) -> None:
         deadline = time.monotonic() + self.boot_timeout_s
         for col in self.columns.values():
-            col.bus.wait_image(col.column_id, max(0.1, deadline - time.monotonic()))
+            self._bus(col).wait_image(col.column_id, max(0.1, deadline - time.monotonic()))
         self._t0 = time.monotonic()   # trace time 0: every column answers
 
     # -- Target ------------------------------------------------------------------------------
@@ -201,7 +207,7 @@ class RealtimeColumns:
         col = self._column(column_id)
         if col.powered:
             self._check_alive(col)
-        regs = col.bus.image(column_id) if col.powered else None
+        regs = self._bus(col).image(column_id) if col.powered else None
         board = col.board.outputs() if col.board is not None else None
         out = outputs_from(regs, board, col.last_energy_wh)
         col.last_energy_wh = out.energy_wh
@@ -214,18 +220,19 @@ class RealtimeColumns:
         or the column is off (the engine's gateway then counts it as not delivered)."""
         col = self._column(column_id)
         limit_da, failsafe_da = limit_registers(limit_a, failsafe_a)
-        return col.bus.assign(column_id, limit_da, max(0, min(0xFFFF, int(validity_s))), failsafe_da)
+        return self._bus(col).assign(column_id, limit_da, max(0, min(0xFFFF, int(validity_s))), failsafe_da)
 
     def gateway_silent(self, column_id: str, now_ms: int, silent: bool) -> None:
         col = self._column(column_id)
-        col.bus.set_silent(column_id, silent)
+        self._bus(col).set_silent(column_id, silent)
 
     def power_cut(self, column_id: str, now_ms: int, duration_ms: int) -> None:
         col = self._column(column_id)
         if col.power is None:
             raise TargetError("column %s: a power cut needs a power switch (power=...)" % column_id)
         if col.powered:
-            col.bus.set_powered(column_id, False)
+            if col.bus is not None:
+                col.bus.set_powered(column_id, False)
             col.power(False)
             col.powered = False
         col.power_on_at_ms = now_ms + max(0, int(duration_ms))
@@ -238,7 +245,8 @@ class RealtimeColumns:
         col.powered = True
         if col.board is not None and col.board_state:
             self._to_board(col, col.board_state)  # the board boots with its inputs as they are now
-        col.bus.set_powered(col.column_id, True)
+        if col.bus is not None:
+            col.bus.set_powered(col.column_id, True)
 
     def link_fault(self, column_id: str | None, now_ms: int, kind: str, duration_ms: int,
                    value: Mapping[str, Any]) -> bool:
@@ -293,8 +301,8 @@ class RealtimeColumns:
         """One column's link counters (reads, writes, retries, reboots...), or without a
         column id the run's figures for a report: totals, per column, the pacing lag."""
         if column_id is not None:
-            return self._column(column_id).bus.stats(column_id)
-        per = {cid: asdict(col.bus.stats(cid)) for cid, col in self.columns.items()}
+            return self._bus(self._column(column_id)).stats(column_id)
+        per = {cid: asdict(self._bus(col).stats(cid)) for cid, col in self.columns.items()}
         totals: dict[str, int] = {}
         for figures in per.values():
             for key, value in figures.items():
@@ -305,6 +313,6 @@ class RealtimeColumns:
     def registers(self, column_id: str) -> list[int] | None:
         """The column's latest input registers (firmware.regmap IR_*), None while it is off."""
         col = self._column(column_id)
-        return col.bus.image(column_id) if col.powered else None
+        return self._bus(col).image(column_id) if col.powered else None
 
 

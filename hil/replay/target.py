@@ -90,8 +90,29 @@ class Target(Protocol):
 # - `telemetry_sequences() -> Mapping[str, Sequence[int]] | None`: the sequence numbers an
 #   MQTT consumer received, per publisher, in arrival order; feeds the telemetry oracle.
 # - `stats() -> Mapping[str, object]`: target figures copied into the run summary.
+# - The real gateway in the loop (hil.replay.site_target): a target with `gateway_in_loop = True`
+#   runs a real gateway between the trace and the columns. The engine then tells it the site
+#   before `start` (`set_site(site, settings)`: the gateway.core.site.Site of the layout and
+#   the layout's hil.replay.gateway_model.GatewaySettings), each DNO limit as it comes
+#   (`dno_command(column_id | None, now_ms, value)`: the trace's dno.limit map) and the DNO's
+#   broker link going down and up (`dno_link(now_ms, up)`); it sends no assignment itself
+#   (its gateway model only says what the DNO demands, for the site checks) and feeds the
+#   column checks with what the real gateway handed each column: `gateway_writes(column_id)
+#   -> Iterable[GatewayWrite]`, drained after each `outputs()`.
 # - Errors: a target that cannot start or stops answering raises `TargetError` (or an
 #   OSError/TimeoutError); `python -m hil replay` prints it as one line and exits 2.
+
+
+@dataclass(frozen=True)
+class GatewayWrite:
+    """What a column's link handed its firmware (gateway_in_loop targets): an assignment
+    (limit_a, validity_s, and the failsafe in force), or with limit_a None a sign of life
+    without one (a heartbeat, maybe with a new failsafe_a)."""
+
+    t_ms: int
+    limit_a: float | None
+    validity_s: int = 0
+    failsafe_a: float | None = None
 
 
 class TargetError(RuntimeError):

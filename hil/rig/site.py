@@ -12,6 +12,7 @@ columns, the bus and the broker. Used by the site demo (`python -m hil demo`).
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from hil.rig.bus_relay import BusRelay
 from hil.rig.dno_client import DnoClient
 from hil.rig.gateway_proc import GatewayProcess
 from hil.rig.ports import LOOPBACK, free_port
+from hil.rig.serial_pair import Manipulator, SerialPair
 from hil.rig.site_files import new_key, toml_text, write_secrets
 from hil.rig.vcolumn import VirtualColumn
 
@@ -59,6 +61,7 @@ class ColumnSpec:
     hardware_a: float = 32
     installation_a: float | None = None
     circuit: str | None = None
+    config: Mapping[str, Any] | None = None   # firmware config keys over the rig's (not its link)
 
     @property
     def rating_a(self) -> float:
@@ -84,16 +87,21 @@ def firmware_config(spec: ColumnSpec, tuning: ColumnTuning, tcp_port: int | None
         link["baud"] = CBOR_BAUD
     else:
         link.update(tcp_port=tcp_port, host=LOOPBACK)
-    return {"column_id": spec.id, "bus_address": spec.address, "phases": spec.phases,
-            "hardware_rating_a": spec.hardware_a, "installation_rating_a": spec.rating_a,
-            "failsafe_a": tuning.failsafe_a,
-            "meter": {"type": "sdm630" if spec.phases == 3 else "sdm120", "address": 1, "baud": 9600},
-            "link": link, "heartbeat_timeout_s": tuning.heartbeat_timeout_s,
-            "min_pause_s": tuning.min_pause_s, "pwm_min_change_interval_s": tuning.pwm_min_change_interval_s}
+    cfg = {"column_id": spec.id, "bus_address": spec.address, "phases": spec.phases,
+           "hardware_rating_a": spec.hardware_a, "installation_rating_a": spec.rating_a,
+           "failsafe_a": tuning.failsafe_a,
+           "meter": {"type": "sdm630" if spec.phases == 3 else "sdm120", "address": 1, "baud": 9600},
+           "link": link, "heartbeat_timeout_s": tuning.heartbeat_timeout_s,
+           "min_pause_s": tuning.min_pause_s, "pwm_min_change_interval_s": tuning.pwm_min_change_interval_s}
+    for key, value in (spec.config or {}).items():
+        if key not in ("link", "column_id", "bus_address"):   # the rig's wiring stays
+            cfg[key] = value
+    return cfg
 
 
-def gateway_column(spec: ColumnSpec, col: VirtualColumn) -> dict[str, Any]:
-    """The column's [[columns]] entry in the site file."""
+def gateway_column(spec: ColumnSpec, col: VirtualColumn, device: str | None = None) -> dict[str, Any]:
+    """The column's [[columns]] entry in the site file (`device`: the gateway's end of a
+    serial link when it is not the column's own, e.g. behind a faulty wire)."""
     entry: dict[str, Any] = {"id": spec.id}
     if spec.circuit:
         entry["circuit"] = spec.circuit
@@ -112,7 +120,7 @@ def gateway_column(spec: ColumnSpec, col: VirtualColumn) -> dict[str, Any]:
     elif spec.link == "cbor-tcp":
         entry.update(host=LOOPBACK, port=link["tcp_port"])
     else:
-        entry.update(device=col.link_path or "", baud=CBOR_BAUD)
+        entry.update(device=device or col.link_path or "", baud=CBOR_BAUD)
     return entry
 
 
@@ -120,12 +128,14 @@ class SiteRig:
     """Start with `start()`, stop with `close()` (or use as a context manager).
 
     `tables` holds the site file's [site], [circuits], [allocation] and [gateway] tables;
-    the rig adds [buses], [[columns]], [mqtt] and [dno]. `broker`: (host, port) of a broker
-    to use instead of starting one."""
+    the rig adds [buses], [[columns]], [mqtt] and [dno] (keys in tables["mqtt"] other than
+    the broker's address are added to it). `broker`: (host, port) of a broker to use instead
+    of starting one. `link_faults`: column id -> a manipulator (hil.bus_faults.BusFaults)
+    on a stretch of wire between that column's serial link and the bus or the gateway."""
 
     def __init__(self, workdir: Path, site_id: str, specs: Sequence[ColumnSpec], tables: Mapping[str, Any], *,
                  broker: tuple[str, int] | None = None, tuning: ColumnTuning = ColumnTuning(),
-                 key_id: str = "dno-demo") -> None:
+                 key_id: str = "dno-demo", link_faults: Mapping[str, Manipulator] | None = None) -> None:
         for spec in specs:
             if spec.link not in LINKS:
                 raise ValueError(f"column {spec.id}: unknown link {spec.link!r}")
@@ -141,7 +151,10 @@ class SiteRig:
         self.columns: dict[str, VirtualColumn] = {}
         self.outputs: dict[str, Any] = {}      # column id -> hil.replay.mpy.ColumnPower (output tail)
         self.bus: BusRelay | None = None
+        self.link_faults = dict(link_faults or {})
+        self.link_paths: dict[str, str] = {}   # column id -> the gateway's end of a serial link
         self.gateway: GatewayProcess | None = None
+        self.gateway_starts = 0
         self.config_path = workdir / "site.toml"
         self.config: GatewayConfig | None = None
         self._stack = ExitStack()
@@ -196,7 +209,8 @@ class SiteRig:
             self.outputs[spec.id] = ColumnPower(col)
         self._wait_columns(check)
         progress("columns: " + ", ".join(f"{s.id} ({s.link}, {s.interp})" for s in self.specs.values()))
-        rtu = [self.columns[s.id].link_path or "" for s in self.specs.values() if s.link == "modbus-rtu"]
+        self._wire_links()
+        rtu = [self.link_paths[s.id] for s in self.specs.values() if s.link == "modbus-rtu"]
         if rtu:
             self.bus = stack.enter_context(BusRelay(rtu))
             progress(f"bus: {len(rtu)} Modbus RTU columns on one RS-485 line, gateway end {self.bus.path}")
@@ -204,9 +218,25 @@ class SiteRig:
         self.config_path.write_text(toml_text(self._site_doc()))
         self.config = load_config(self.config_path)
         check()
-        self.gateway = GatewayProcess(self.config_path, self.workdir / "gateway.log")
+        self.start_gateway()
         stack.callback(self._stop_gateway)
+        assert self.gateway is not None
         progress(f"gateway: python -m gateway run --config {self.config_path} (pid {self.gateway.proc.pid})")
+
+    def _wire_links(self) -> None:
+        """The gateway's end of each serial link: the column's own, or a faulty wire's."""
+        from hil.bus_faults import LineSplice
+
+        for cid, col in self.columns.items():
+            if col.link_path is None:
+                continue
+            path = col.link_path
+            faults = self.link_faults.get(cid)
+            if faults is not None:
+                wire = self._stack.enter_context(SerialPair(manipulator=faults))
+                self._stack.enter_context(LineSplice(wire.b_path, path))
+                path = wire.a_path
+            self.link_paths[cid] = path
 
     def _wait_columns(self, check: Callable[[], None]) -> None:
         """Until every firmware reports its board outputs and every TCP link listens."""
@@ -235,10 +265,11 @@ class SiteRig:
             doc["buses"] = {BUS_NAME: {"device": self.bus.path, "baud": RTU_BAUD}}
         if self.tables.get("allocation"):
             doc["allocation"] = dict(self.tables["allocation"])
-        doc["columns"] = [gateway_column(spec, self.columns[cid]) for cid, spec in self.specs.items()]
-        doc["mqtt"] = {"host": self.broker_host, "port": self.broker_port, "protocol": "5",
-                       "client_id": f"evedge-{self.site_id}", "keepalive_s": 10,
-                       "outbox": {"path": str(self.workdir / "outbox.sqlite3"), "durability": "normal"}}
+        doc["columns"] = [gateway_column(spec, self.columns[cid], self.link_paths.get(cid))
+                          for cid, spec in self.specs.items()]
+        doc["mqtt"] = {"protocol": "5", "client_id": f"evedge-{self.site_id}", "keepalive_s": 10,
+                       "outbox": {"path": str(self.workdir / "outbox.sqlite3"), "durability": "normal"},
+                       **self.tables.get("mqtt", {}), "host": self.broker_host, "port": self.broker_port}
         doc["dno"] = {"keys_file": "secrets/dno-keys", "audit_path": str(self.workdir / "dno-audit.jsonl")}
         if self.tables.get("gateway"):
             doc["gateway"] = dict(self.tables["gateway"])
@@ -262,6 +293,29 @@ class SiteRig:
     def dead_columns(self) -> list[str]:
         return [cid for cid, col in self.columns.items() if col.proc is None or col.proc.poll() is not None]
 
+    def start_gateway(self) -> None:
+        """Start the gateway process (again, after kill_gateway: the same site file and
+        outbox; each start logs to its own file, gateway.log, gateway-2.log, ...)."""
+        if self.gateway_alive():
+            raise RigError("the gateway is already running")
+        if self.gateway is not None:
+            self.gateway.close()
+        self.gateway_starts += 1
+        n = self.gateway_starts
+        log = self.workdir / ("gateway.log" if n == 1 else f"gateway-{n}.log")
+        self.gateway = GatewayProcess(self.config_path, log)
+
+    def kill_gateway(self) -> None:
+        """SIGKILL the gateway, as a crash or its box losing power would: no hand-over."""
+        if self.gateway is not None and self.gateway.proc.poll() is None:
+            self.gateway.proc.kill()
+            self.gateway.proc.wait(timeout=10)
+
+    def pause_gateway(self, paused: bool) -> None:
+        """SIGSTOP / SIGCONT the gateway: a hung process, its sockets and ports still open."""
+        if self.gateway is not None and self.gateway.proc.poll() is None:
+            self.gateway.proc.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+
     def stop_gateway(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM the gateway and wait (it hands the columns their failsafes); its exit code."""
         if self.gateway is None:
@@ -273,6 +327,7 @@ class SiteRig:
 
     def _stop_gateway(self) -> None:
         if self.gateway is not None:
+            self.pause_gateway(False)
             self.stop_gateway()
             self.gateway.close()
 

@@ -5,14 +5,19 @@ limits. Used by limit_latency_tcp and limit_latency_rtu.
 
 A limit's latency runs from the moment before the DNO client publishes it to the moment the
 last column's pilot offers its share: the column's own timestamp (`t`, the firmware's
-ticks_ms, which is CLOCK_MONOTONIC on the unix port like this process's time.monotonic) on
-the board output line it writes when the pilot changes. The site limits alternate between two
-values whose shares differ (a decrease, then an increase), so every limit changes every pilot.
+ticks_ms, which is CLOCK_MONOTONIC on the unix port like this process's time.monotonic),
+taken when its control step writes the new duty to the PWM. The site limits alternate
+between two values whose shares differ (a decrease, then an increase), so every limit
+changes every pilot.
 
-How many columns: the issue asks for 100 (TCP) and 32 (RTU). A column process costs CPU even
-when idle, so the rig first starts a few, measures what one costs, and starts only as many
-as fit in half of the machine's cores (the other half is left for the gateway, the broker and
-this process); the figure reports the number it ran and why.
+How many columns: all the issue asks for, 100 (TCP) and 32 (RTU). They run in column
+farms (hil/rig/column_farm.py): MicroPython processes hosting COLUMNS_PER_FARM columns each,
+every column the real firmware app with its own controller, register image, energy store,
+meter driver and Modbus server (its own TCP port, or its own address on the one RS-485
+line), where a process per column would cost several % of a core each even when idle. A
+farm runs its columns' control tasks every 10 ms on one core, so they share that core where
+real columns each have their own: the figure reports the farms' CPU, and the stages say
+where the time goes.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ import paho.mqtt.client as mqtt
 from bench.machine import cpu_ticks as machine_ticks
 from bench.raw_clients import nodelay
 from bench.stats import median, percentile, summary
+from hil.rig.column_farm import ColumnFarm, FarmColumn
 from hil.rig.dno_client import DnoClient
 from hil.rig.gateway_proc import GatewayProcess
 from hil.rig.site_files import new_key, toml_text, write_secrets
-from hil.rig.vcolumn import VirtualColumn
 
 SITE = "bench-site"
 LOCAL = "127.0.0.1"
@@ -49,6 +54,7 @@ COLUMN_BASE: dict[str, Any] = {
 }
 ALLOCATION = {"increase_delay_max_s": 0, "min_pause_s": 0, "rotation_s": 3600, "reclaim_settle_s": 3600}
 SHARES_A = (10.0, 13.0)    # per column; the site limit is share x columns
+COLUMNS_PER_FARM = 25      # columns hosted by one farm process
 
 
 def mono_ms() -> float:
@@ -94,55 +100,43 @@ class CpuMeter:
 class Sizing:
     target: int
     columns: int = 0
-    core_per_column: float = 0.0
-    budget_cores: float = 0.0
+    core_per_column: float = 0.0    # the farms' CPU at rest, per column
+    farm_cores: float = 0.0         # ... and in all
+    farms: int = 0                  # farm processes
     note: str = ""
 
 
-def start_columns(stack: ExitStack, configs: Sequence[dict[str, Any]], bundle: Path, work: Path,
-                  interp: str = "micropython") -> list[VirtualColumn]:
-    cols = []
-    for cfg in configs:
-        col = stack.enter_context(VirtualColumn(interp, work / cfg["column_id"], cfg, bundle=bundle))
+def start_columns(stack: ExitStack, configs: Sequence[dict[str, Any]], bundle: Path, work: Path, *,
+                  interp: str = "micropython", per_farm: int = COLUMNS_PER_FARM,
+                  log: Callable[[str], None] = print) -> tuple[list[FarmColumn], Sizing]:
+    """Every column in column farms of at most `per_farm` columns each, a car's meter load on
+    each; what the farms cost at rest (booted, tasks running, no gateway yet)."""
+    farms = [stack.enter_context(ColumnFarm(interp, work / f"farm-{k}", configs[i:i + per_farm],
+                                            bundle=bundle))
+             for k, i in enumerate(range(0, len(configs), per_farm))]
+    cols = [c for farm in farms for c in farm.columns]
+    for col in cols:
         col.meter.set_load([5.0, 5.0, 5.0])
-        cols.append(col)
-    return cols
-
-
-def size_columns(stack: ExitStack, make_config: Callable[[int], dict[str, Any]], target: int, bundle: Path,
-                 work: Path, *, probe: int = 4,
-                 log: Callable[[str], None] = print) -> tuple[list[VirtualColumn], Sizing]:
-    """Start `probe` columns, measure one's idle CPU, then start as many more as fit in half of
-    the machine's cores (at most `target`)."""
-    sizing = Sizing(target)
-    probe = min(probe, target)
-    cols = start_columns(stack, [make_config(i) for i in range(probe)], bundle, work)
-    time.sleep(2.5)   # booted, tasks running
-    pids = [c.proc.pid for c in cols if c.proc is not None]
-    a = [proc_cpu_s(p) for p in pids]
+    time.sleep(2.0)
+    pids = [farm.proc.pid for farm in farms if farm.proc is not None]
+    a = sum(proc_cpu_s(p) for p in pids)
     t0 = time.monotonic()
     time.sleep(2.0)
-    span = time.monotonic() - t0
-    b = [proc_cpu_s(p) for p in pids]
-    per_col = max(1e-3, median([(y - x) / span for x, y in zip(a, b, strict=True)]))
-    cores = len(os.sched_getaffinity(0))
-    budget = cores / 2
-    fit = int(budget / per_col)
-    n = max(probe, min(target, fit))
-    sizing.core_per_column = round(per_col, 4)
-    sizing.budget_cores = budget
-    sizing.columns = n
-    if n < target:
-        sizing.note = (f"{target} columns asked for, {n} run: an idle virtual column (firmware app in the "
-                       f"MicroPython unix port, its meter and board lines) costs {per_col * 100:.1f} % of a "
-                       f"core here, and the columns get half of the {cores} cores ({budget:g}); the rest is "
-                       "left to the gateway, the broker and the bench")
-    log(f"columns: {per_col * 100:.1f} % of a core each, running {n} of {target}")
-    cols += start_columns(stack, [make_config(i) for i in range(probe, n)], bundle, work)
+    cores = (sum(proc_cpu_s(p) for p in pids) - a) / (time.monotonic() - t0)
+    n = len(cols)
+    sizing = Sizing(n, n, round(cores / max(1, n), 5), round(cores, 3), len(farms))
+    sizing.note = (f"The {n} columns run in {len(farms)} column farm process(es) of up to {per_farm} "
+                   f"(hil/rig/column_farm.py, {interp}), each column the real firmware app on its own "
+                   f"virtual board; at rest they take {cores * 100:.0f} % of a core, "
+                   f"{cores / max(1, n) * 100:.2f} % per column. Farms of a few dozen columns each, not "
+                   "one of a hundred: the columns of one farm share one core where real ones each have "
+                   "their own, and on a busy machine a single process gets one process's share of the "
+                   "cores")
+    log(f"columns: {n} in {len(farms)} farms, {cores * 100:.0f} % of a core at rest")
     return cols, sizing
 
 
-def plug_in(cols: Sequence[VirtualColumn]) -> None:
+def plug_in(cols: Sequence[FarmColumn]) -> None:
     """Cars in state B, then C (charging) on every column."""
     for col in cols:
         col.board(cp_mv=9000, diode=1, pp_ohms=220)
@@ -151,11 +145,11 @@ def plug_in(cols: Sequence[VirtualColumn]) -> None:
         col.board(cp_mv=6000)
 
 
-def offers(cols: Sequence[VirtualColumn]) -> list[int]:
+def offers(cols: Sequence[FarmColumn]) -> list[int]:
     return [int(c.outputs().get("offered_da", -1)) for c in cols]
 
 
-def wait_offers(cols: Sequence[VirtualColumn], da: int, timeout_s: float) -> bool:
+def wait_offers(cols: Sequence[FarmColumn], da: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if all(o == da for o in offers(cols)):
@@ -202,7 +196,7 @@ def start_site(stack: ExitStack, doc: dict[str, Any], work: Path, broker_port: i
     return Site(gateway, dno, Path(doc["dno"]["audit_path"]))
 
 
-def series(cols: Sequence[VirtualColumn], doc: dict[str, Any], work: Path, broker: Any, n_limits: int, *,
+def series(cols: Sequence[FarmColumn], doc: dict[str, Any], work: Path, broker: Any, n_limits: int, *,
            log: Callable[[str], None] = print) -> tuple[LimitRun, dict[str, float]]:
     """A gateway for these columns (its own process, DNO client and files in `work`), n_limits
     limits once it has taken every column over, then a clean stop: the limits and the CPU used."""
@@ -220,8 +214,9 @@ def series(cols: Sequence[VirtualColumn], doc: dict[str, Any], work: Path, broke
     return limits, cpu
 
 
-def cpu_groups(site: Site, cols: Sequence[VirtualColumn], broker: Any) -> dict[str, list[int]]:
-    return {"gateway": [site.gateway.proc.pid], "columns": [c.proc.pid for c in cols if c.proc is not None],
+def cpu_groups(site: Site, cols: Sequence[FarmColumn], broker: Any) -> dict[str, list[int]]:
+    farms = sorted({c.proc.pid for c in cols if c.proc is not None})   # columns share their farm's
+    return {"gateway": [site.gateway.proc.pid], "columns": farms,
             "broker": [broker.proc.pid] if getattr(broker, "proc", None) is not None else []}
 
 
@@ -290,7 +285,7 @@ class LimitRun:
         return sum(1 for x in self.limits if x.last is None)
 
 
-def run_limits(site: Site, cols: Sequence[VirtualColumn], n_limits: int, *, timeout_s: float = 5.0,
+def run_limits(site: Site, cols: Sequence[FarmColumn], n_limits: int, *, timeout_s: float = 5.0,
                log: Callable[[str], None] = print) -> LimitRun:
     """Publish n_limits site limits, alternating SHARES_A x columns; wait until every column's
     pilot shows its share each time."""
@@ -437,10 +432,10 @@ def growth_bottleneck(main: dict[str, dict[str, Any]], small: dict[str, Any], n:
     gw, cols = cpu.get("gateway", 0.0), cpu.get("columns", 0.0)
     cores = len(os.sched_getaffinity(0))
     if gw < 0.25 and worst != STAGES[0][1]:
-        out.append(f"The gateway process used {gw * 100:.0f} % of a core during the limits, the {n} column "
-                   f"processes {cols:.2f} of the machine's {cores} cores (the machine "
+        out.append(f"The gateway process used {gw * 100:.0f} % of a core during the limits, the farms of "
+                   f"the {n} columns {cols:.2f} of the machine's {cores} cores (the machine "
                    f"{cpu.get('machine_busy_fraction', 0) * 100:.0f} % busy). The growth is in the stages "
-                   "where every column process must run at the same moment (take the write, step, report its "
+                   "where every column must run at the same moment (take the write, step, report its "
                    "pilot), which points to the columns queueing for the cores of the one machine that "
                    "simulates them all, rather than to the gateway's own work per column.")
     return out
@@ -472,12 +467,14 @@ def figure(limits: LimitRun, sizing: Sizing, *, baseline: dict[str, Any], goal_m
     result: dict[str, Any] = {
         "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "columns": n, "columns_asked": sizing.target,
         "limits": s["limits"], "missed_limits": s["missed_limits"],
-        "interpreter": "micropython (unix port, .mpy bundle)",
+        "interpreter": "micropython (unix port, .mpy bundle), columns hosted in column-farm processes",
+        "farm_processes": sizing.farms,
         "latency_ms": s["latency_ms"], "decrease_ms": s["decrease_ms"], "increase_ms": s["increase_ms"],
         "stages_ms": s["stages_ms"],
         "spread_over_repeats": block_spread(limits, 3),
         "cpu_cores_during_limits": cpu,
         "column_core_fraction_idle": sizing.core_per_column,
+        "farm_cores_idle": sizing.farm_cores,
         "baseline": baseline,
         "goal": goal,
         # --quick runs a handful of columns: a smoke run, not a judgement of the goal.

@@ -2,9 +2,11 @@
 baud: a DNO site limit published to the broker until every column's pilot has applied it (the
 firmware's own timestamp), p50/p99 over at least 50 limits.
 
-The bus is paced to the baud rate (bench/paced_bus.py: one half-duplex wire shared by the
-gateway and every column, each frame held for its 11 bits per byte), so it is no faster than a
-real line; the gateway polls every column at 1 Hz on it. Baseline in the same run: the wire time
+The columns: each the real firmware app, hosted together in one column-farm process
+(hil/rig/column_farm.py), each answering to its own bus address on the farm's one line. The
+bus is paced to the baud rate (bench/paced_bus.py: one half-duplex wire shared by the gateway
+and every column, each frame held for its 11 bits per byte), so it is no faster than a real
+line; the gateway polls every column at 1 Hz on it. Baseline in the same run: the wire time
 of the frames actually sent for each limit (the limit writes, broadcast table or unicast, and
 their echoes, each with the 1.75 ms silence that ends a frame): the time the bus itself needs.
 Then the same series again with only 4 of the columns on the bus (the others stopped, a fresh
@@ -23,7 +25,7 @@ from bench.paced_bus import PacedBusRelay
 from bench.stats import median, summary
 from bench.suite import Context
 from hil.rig.broker import Broker, Listener
-from hil.rig.vcolumn import VirtualColumn
+from hil.rig.column_farm import FarmColumn
 from tools.firmware_build import build
 
 TARGET_COLUMNS = 32
@@ -32,7 +34,7 @@ BAUD = 115200
 GOAL_P99_MS = 250.0
 
 
-def site_doc(cols: list[VirtualColumn], port: int, bus_path: str, work: Path) -> dict[str, Any]:
+def site_doc(cols: list[FarmColumn], port: int, bus_path: str, work: Path) -> dict[str, Any]:
     columns = [{"id": c.config["column_id"], "hardware_a": 32, "link": "modbus-rtu", "bus": "bus-a",
                 "address": c.config["bus_address"]} for c in cols]
     return rig.site_doc(len(cols), columns, port, work, buses={"bus-a": {"device": bus_path, "baud": BAUD}})
@@ -57,7 +59,7 @@ def wire_figures(bus: PacedBusRelay, limits: rig.LimitRun,
 def run(ctx: Context) -> dict[str, Any]:
     target = 4 if ctx.quick else TARGET_COLUMNS
     n_limits = 10 if ctx.quick else 60
-    bundle = build(out=ctx.work / "bundle")
+    bundle = build(out=ctx.work / "bundle", link="modbus-rtu")
 
     def make_config(i: int) -> dict[str, Any]:
         return {**rig.COLUMN_BASE, "column_id": "rtu-%02d" % (i + 1), "bus_address": i + 1,
@@ -66,10 +68,11 @@ def run(ctx: Context) -> dict[str, Any]:
     with ExitStack() as stack:
         broker = stack.enter_context(Broker([Listener("plain")], workdir=ctx.work / "broker"))
         port = broker.port("plain")
-        cols, sizing = rig.size_columns(stack, make_config, target, bundle.root, ctx.work / "columns",
-                                        log=ctx.log)
+        cols, sizing = rig.start_columns(stack, [make_config(i) for i in range(target)], bundle.root,
+                                         ctx.work / "columns", log=ctx.log)
         n = len(cols)
-        bus = PacedBusRelay([c.link_path or "" for c in cols], BAUD)
+        # The farm's columns share one line: the bus has one device end (every column hears it).
+        bus = PacedBusRelay(sorted({c.link_path or "" for c in cols}), BAUD)
         stack.enter_context(bus)
         rig.plug_in(cols)
         t_series = time.monotonic()

@@ -2,8 +2,9 @@
 column has applied it in its pilot (the firmware's own timestamp), p50/p99 over at least 50
 limits (bench/latency_rig.py has the method and how many columns the machine runs).
 
-The site: N columns, each a firmware app in the MicroPython unix port serving Modbus TCP on its
-own loopback port, a car charging on each; the gateway polls every column at 1 Hz. Baselines in
+The site: 100 columns, each the real firmware app (MicroPython unix port, .mpy bundle) serving
+Modbus TCP on its own loopback port, all hosted in one column-farm process
+(hil/rig/column_farm.py), a car charging on each; the gateway polls every column at 1 Hz. Baselines in
 the same run, on the same loaded machine: one MQTT publish->receive round trip at QoS 1 (paho,
 TCP_NODELAY) and one Modbus write to a column (pymodbus, FC06 to the heartbeat register). Then
 the same series again with only 5 of the columns (the others stopped, a fresh gateway), to tell
@@ -25,8 +26,7 @@ from bench.stats import median, summary
 from bench.suite import Context
 from firmware import regmap
 from hil.rig.broker import Broker, Listener
-from hil.rig.ports import free_port
-from hil.rig.vcolumn import VirtualColumn
+from hil.rig.column_farm import FarmColumn, tcp_ports
 from tools.firmware_build import build
 
 TARGET_COLUMNS = 100
@@ -54,17 +54,19 @@ async def modbus_writes(port: int, n: int) -> list[float]:
 def run(ctx: Context) -> dict[str, Any]:
     target = 5 if ctx.quick else TARGET_COLUMNS
     n_limits = 10 if ctx.quick else 60
-    bundle = build(out=ctx.work / "bundle")
+    bundle = build(out=ctx.work / "bundle", link="modbus-tcp")
+
+    ports = tcp_ports(target)
 
     def make_config(i: int) -> dict[str, Any]:
-        link = {"mode": "modbus-tcp", "tcp_port": free_port(), "host": rig.LOCAL}
+        link = {"mode": "modbus-tcp", "tcp_port": ports[i], "host": rig.LOCAL}
         return {**rig.COLUMN_BASE, "column_id": "tcp-%03d" % i, "bus_address": 1, "link": link}
 
     with ExitStack() as stack:
         broker = stack.enter_context(Broker([Listener("plain")], workdir=ctx.work / "broker"))
         port = broker.port("plain")
-        cols, sizing = rig.size_columns(stack, make_config, target, bundle.root, ctx.work / "columns",
-                                        log=ctx.log)
+        cols, sizing = rig.start_columns(stack, [make_config(i) for i in range(target)], bundle.root,
+                                         ctx.work / "columns", log=ctx.log)
         n = len(cols)
         rig.plug_in(cols)
         ctx.log(f"limit_latency_tcp: baselines with {n} columns running")
@@ -100,7 +102,7 @@ def run(ctx: Context) -> dict[str, Any]:
                       reference=reference)
 
 
-def site_doc(cols: list[VirtualColumn], port: int, work: Path) -> dict[str, Any]:
+def site_doc(cols: list[FarmColumn], port: int, work: Path) -> dict[str, Any]:
     columns = [{"id": c.config["column_id"], "hardware_a": 32, "link": "modbus-tcp", "host": rig.LOCAL,
                 "port": c.config["link"]["tcp_port"], "unit": 1} for c in cols]
     return rig.site_doc(len(cols), columns, port, work)

@@ -7,14 +7,8 @@
 # and watchdog (feeds the WDT only while every other task has checked in since the
 # last feed, so a hung task resets the board).
 import asyncio
-import gc
 
 from firmware import clock
-from firmware.controller import Controller
-from firmware.energy_store import EnergyStore
-from firmware.flash import FileFlash
-from firmware.hal import Hal
-from firmware.status import ERR_CONFIG
 
 try:
     from micropython import const
@@ -34,31 +28,6 @@ _EV_SESSION_START = const(1)   # firmware.session event kinds
 _EV_SESSION_STOP = const(2)
 
 
-def _load(*names):
-    """Import firmware modules one at a time with a collection after each: the garbage an
-    import leaves (its module body's code) is then reused by the next module's code
-    instead of staying as holes between long-lived objects, where a buffer of 1 KB would
-    no longer find room on a small heap."""
-    for name in names:
-        __import__("firmware." + name)
-        gc.collect()
-
-
-def _load_config_once(path):
-    """Validate the config, then unload the validator: its schema and messages are only
-    needed at boot (and for a rare ChangeConfiguration), and cost ~13 KB of RAM."""
-    import sys
-
-    import firmware
-    from firmware import config
-
-    cfg, errors = config.load_config(path)
-    del sys.modules["firmware.config"]
-    if hasattr(firmware, "config"):
-        delattr(firmware, "config")
-    return cfg, errors
-
-
 class App:
     def __init__(self, machine, config_path="column.json", store_prefix="energy", pins=None,
                  use_wdt=True, log=None):
@@ -66,32 +35,19 @@ class App:
         self.version = VERSION
         self.log = log or print
         self.config_path = config_path
-        self.cfg, self.config_errors = _load_config_once(config_path)
-        gc.collect()  # the validator and the JSON text are gone: long-lived objects fill their room
-        for err in self.config_errors:
-            self.log("config error: " + err)
-        self.hal = Hal(machine, pins, use_wdt=use_wdt)
-        cfg = self.cfg
-        self.store = EnergyStore(FileFlash(store_prefix + "_a.bin", store_prefix + "_b.bin"),
-                                 quantum_wh=int(cfg["energy_quantum_wh"]),
-                                 quantum_ms=int(cfg["energy_quantum_s"]) * 1000)
-        self.store.load()
-        self.ctl = Controller(None if self.config_errors else cfg, self.store.session_id + 1)
-        if self.config_errors:
-            self.ctl.fail(ERR_CONFIG)  # safe, non-charging; the link reports why
-        elif self.store.session_active:
-            # Power was lost mid-session: close it with the energy we had on flash.
-            self.ctl.record_power_loss(self.store.session_id, self.store.energy_wh)
-            self.store.stop_session(clock.ticks_ms())
-        self.energy_wh = self.store.energy_wh
-        self._meter_prev_wh = -1
         self.meter = None
         self.link = None
+        self._meter_prev_wh = -1
+        self._meter_cycles = 0          # meter.cycles at the last control step
         self._alive = 0
         self._reset_requested = False
-        self._boot_ms = clock.ticks_ms()
         self._machine = machine
         self.tasks = {}  # name -> asyncio task, once run() has started them
+        # Sets cfg, config_errors, hal, store, ctl, energy_wh (boot code, see run()).
+        from firmware import wiring
+
+        wiring.init(self, machine, config_path, store_prefix, pins, use_wdt)
+        self._boot_ms = clock.ticks_ms()
 
     # -- energy register: advances by the meter's positive deltas, persisted by the store
     def _account_energy(self, now_ms):
@@ -130,7 +86,12 @@ class App:
             hal.read_cp()
             meter = self.meter
             if meter is not None:
-                ok = not meter.is_stale(now)
+                # ok only on the step a new whole reading arrived: the controller's own
+                # meter_stale_s timer then runs from the last good reading (the driver's
+                # is_stale() already waits that long, and both together paused a column
+                # only after twice meter_stale_s).
+                ok = meter.cycles != self._meter_cycles
+                self._meter_cycles = meter.cycles
                 cur = meter.current_da
                 i1 = cur[0]
                 i2 = cur[1]
@@ -175,70 +136,37 @@ class App:
     def link_alive(self):
         self._alive |= _T_LINK
 
+    @staticmethod
+    def rs485_writer(uart, de):
+        """write(data) for an RS-485 line: `de` drives the bus only while sending."""
+        def write(data):
+            if de is not None:
+                de.value(1)
+            uart.write(data)
+            if hasattr(uart, "flush"):
+                uart.flush()  # on a board: wait for the last stop bit before releasing DE
+            if de is not None:
+                de.value(0)
+        return write
+
     def shutdown(self, now_ms):
         self.store.flush(now_ms)
 
     # -- wiring --------------------------------------------------------------------------
     async def run(self):
-        """Start every task; the HAL opens the UARTs named by the board's pin map."""
-        cfg = self.cfg
-        hal = self.hal
-        # A broken config may have lost the link section or the bus address: the column
-        # then stays safe and silent rather than guess where its gateway is.
-        link = cfg.get("link") or {}
-        mode = link.get("mode")
-        modbus = mode in ("modbus-rtu", "modbus-tcp")
-        if modbus and "bus_address" not in cfg:
-            mode = None
-            modbus = False
-        # Load every module the column runs on (dependencies first, see _load), and build
-        # the meter reader and the link, before any task runs: code loaded between the
-        # tasks' allocations would leave the heap fragmented.
-        gc.collect()
-        if not self.config_errors:
-            _load("sdm", "meter")
-            from firmware.meter import Meter
+        """Start every task; the HAL opens the UARTs named by the board's pin map. The boot
+        code (firmware/wiring.py) is unloaded once the tasks run."""
+        from firmware import wiring
 
-            meter_uart, meter_de = hal.uart("meter", cfg["meter"]["baud"])
-
-            def write(data):  # RS-485: drive the bus only while sending
-                if meter_de is not None:
-                    meter_de.value(1)
-                meter_uart.write(data)
-                if hasattr(meter_uart, "flush"):
-                    meter_uart.flush()
-                if meter_de is not None:
-                    meter_de.value(0)
-
-            m = cfg["meter"]
-            self.meter = Meter(m["type"], m["address"], write, stale_ms=int(cfg["meter_stale_s"]) * 1000)
-        if modbus:
-            _load("regmap", "image", "modbus", "modbus_slave", "gw_modbus")
-            if mode == "modbus-tcp":
-                _load("modbus_tcp")  # for the clients to come
-            from firmware.gw_modbus import ModbusLink
-
-            self.link = ModbusLink(self, cfg["bus_address"])
-        elif mode in ("cbor-serial", "cbor-tcp"):
-            _load("cbor", "frames", "messages", "cbor_link", "gw_cbor")
-            from firmware.gw_cbor import CborLink
-
-            self.link = CborLink(self)
-        else:
-            self.log("unknown link mode %s: the column runs without a gateway link" % mode)
-        gc.collect()
-        self.tasks = tasks = {"control": asyncio.create_task(self.control_task())}
+        await wiring.start(self)
+        wiring.unload("wiring")
+        del wiring  # this frame lives as long as the app: it must not hold the module
+        tasks = self.tasks
         expected = _T_CONTROL
-        if not self.config_errors:
-            tasks["meter"] = asyncio.create_task(self.meter_task(meter_uart))
+        if "meter" in tasks:
             expected |= _T_METER
-        if mode in ("modbus-rtu", "cbor-serial"):
-            uart, de = hal.uart("link", link["baud"])
-            serve = self.link.serve_rtu if modbus else self.link.serve_serial
-            tasks["link"] = asyncio.create_task(serve(uart, de, clock, asyncio, self.link_alive))
+        if "link" in tasks:
             expected |= _T_LINK
-        elif self.link is not None:  # modbus-tcp, cbor-tcp: the gateway connects to us
-            await self.link.serve_tcp(link["tcp_port"], clock, asyncio, link.get("host", "0.0.0.0"))
         tasks["watchdog"] = asyncio.create_task(self.watchdog_task(expected))
         await asyncio.gather(*tasks.values())
 

@@ -85,10 +85,10 @@ class Meter:
         self.max_power_w = max_power_w or sdm.MAX_POWER_W[kind]
         self.phases = sdm.PHASES[kind]
         fields = sdm.FIELDS[kind]
-        self._has_total = fields[sdm.F_PTOTAL] >= 0
-        # Per block: request bytes, reply length, and (field, byte offset, scale) to decode.
+        # Per block: request bytes (its count at [5] gives the reply's length) and
+        # (field, byte offset, scale) to decode. An attribute costs every meter RAM: what
+        # can be derived is not kept.
         self._reqs = tuple(read_request(address, s, c) for s, c in blocks)
-        self._lens = tuple(sdm.reply_len(c) for s, c in blocks)
         plans = []
         for start, count in blocks:
             plan = []  # flat: field, byte offset, scale, field, ...
@@ -98,10 +98,9 @@ class Meter:
                     plan += (f, 3 + 2 * (reg - start), sdm.SCALE[f])
             plans.append(tuple(plan))
         self._plans = tuple(plans)
-        self._nblocks = len(blocks)
         # Buffers, owned here and reused for every reply: rx holds the reply being
         # assembled, stage the values of the cycle in progress (applied when it completes).
-        self._rx = bytearray(max(self._lens))
+        self._rx = bytearray(max(sdm.reply_len(c) for s, c in blocks))
         self._stage = [0] * sdm.NFIELDS
         self._n = 0
         self._expect = 0
@@ -109,8 +108,7 @@ class Meter:
         self._block = 0
         self._attempt = 0
         self._t_act = 0            # last bus activity: request sent or byte received
-        self._cycle_ms = 0
-        self._started = False
+        self._cycle_ms = -1        # start of the last cycle; -1: none yet (ticks are >= 0)
         self._fresh = False        # a good cycle within stale_ms (latched off when stale)
         self._have_energy = False
         # Results.
@@ -167,9 +165,8 @@ class Meter:
             if ticks_diff(now_ms, self._t_act) >= self.gap_ms:
                 return self._send(now_ms)
             return False
-        if self._started and ticks_diff(now_ms, self._cycle_ms) < self.poll_interval_ms:
+        if self._cycle_ms >= 0 and ticks_diff(now_ms, self._cycle_ms) < self.poll_interval_ms:
             return False
-        self._started = True
         self._cycle_ms = now_ms
         self._block = 0
         self._attempt = 0
@@ -221,7 +218,7 @@ class Meter:
     def _send(self, now_ms):
         self._attempt += 1
         self._n = 0
-        self._expect = self._lens[self._block]
+        self._expect = sdm.reply_len(self._reqs[self._block][5])   # counts are < 256
         self._state = _WAIT
         self._t_act = now_ms
         self.requests += 1
@@ -267,7 +264,7 @@ class Meter:
         self.replies += 1
         self._block += 1
         self._attempt = 0
-        if self._block < self._nblocks:
+        if self._block < len(self._reqs):
             self._state = _NEXT
             return
         self._state = _IDLE
@@ -295,7 +292,7 @@ class Meter:
             v[ph] = s[sdm.F_V1 + ph]
             c[ph] = s[sdm.F_I1 + ph]
             p[ph] = s[sdm.F_P1 + ph]
-        if self._has_total:
+        if sdm.FIELDS[self.kind][sdm.F_PTOTAL] >= 0:   # the meter has a total
             self.power_w = s[sdm.F_PTOTAL]
         else:
             self.power_w = p[0] + p[1] + p[2]

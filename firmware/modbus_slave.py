@@ -17,7 +17,6 @@ from firmware.modbus import (
     EX_ILLEGAL_ADDRESS,
     EX_ILLEGAL_FUNCTION,
     EX_ILLEGAL_VALUE,
-    RTU_MAX,
     echo_pdu,
     exception_pdu,
     finish_rtu,
@@ -57,7 +56,11 @@ class ModbusSlave:
             self._lo[addr] = regmap.HOLDING_RANGES[addr][0]
             self._hi[addr] = regmap.HOLDING_RANGES[addr][1]
         self._saved = array("H", [0] * n)  # values a rejected write puts back
-        self.out = bytearray(RTU_MAX)      # RTU replies; TCP connections bring their own
+        # The longest reply PDU: a read of a whole image (a read past an image's end is
+        # refused, so no reply is longer); the reply buffers are sized by it, not by the
+        # protocol's 256 bytes.
+        self.pdu_max = 2 + 2 * max(len(inputs), n)
+        self.out = bytearray(self.pdu_max + 3)  # RTU replies; TCP connections bring their own
         self.requests = 0          # frames addressed to this column
         self.exceptions = 0        # exception replies sent
         self.broadcasts = 0        # unit-0 frames seen

@@ -1,9 +1,9 @@
 # The same register map over Modbus TCP: MBAP framing around the RTU slave's `respond`.
 # A `ModbusTcpConnection` per client holds that client's bytes and its reply buffer
-# (pure, no I/O). `serve()` is a tiny poll loop over a listening socket for scripts and
-# tests on both interpreters; the column's app wires connections into its own asyncio
-# streams instead. Unit ids: the column's bus address or 0xFF address the column; unit
-# 0 is a broadcast as on the RTU bus (limit table only, no reply).
+# (pure, no I/O). The column's app wires connections into its own asyncio streams;
+# scripts and tests use the poll loop in modbus_tcp_serve.py, which a board never loads.
+# Unit ids: the column's bus address or 0xFF address the column; unit 0 is a broadcast as
+# on the RTU bus (limit table only, no reply).
 try:
     from micropython import const
 except ImportError:  # CPython
@@ -32,7 +32,7 @@ class ModbusTcpConnection:
         self._buf = bytearray(TCP_MAX)
         self.frame = memoryview(self._buf)
         self.pdu = self.frame[MBAP_LEN:]
-        self.out = bytearray(TCP_MAX)
+        self.out = bytearray(MBAP_LEN + slave.pdu_max)
         self._n = 0
         self._taken = 0
         self.frames = 0
@@ -103,64 +103,3 @@ def _pdu_length_ok(fc, pdu, pdu_len):
     if fc == 16:
         return pdu_len >= 6 and pdu_len == 6 + pdu[5]
     return True  # other functions are refused by the slave without reading fields
-
-
-def _key(obj):
-    # CPython's poll reports fds, MicroPython's the registered objects.
-    return obj if isinstance(obj, int) else obj.fileno()
-
-
-def serve(listener, slave, clock_ms, *, run_ms=-1, max_clients=4, poll_ms=20, should_stop=None):
-    """Serve Modbus TCP on a bound, listening socket until run_ms have passed (-1 =
-    forever) or should_stop() is true. clock_ms() returns milliseconds. Returns the
-    number of frames handled. Blocking socket calls are only made after poll says ready."""
-    import select
-
-    poller = select.poll()
-    poller.register(listener, select.POLLIN)
-    clients = {}   # fd -> (socket, connection)
-    t0 = clock_ms()
-    frames = 0
-    try:
-        while run_ms < 0 or clock_ms() - t0 < run_ms:
-            if should_stop is not None and should_stop():
-                break
-            for obj, event in poller.poll(poll_ms):
-                key = _key(obj)
-                if key == _key(listener):
-                    sock, _addr = listener.accept()
-                    if len(clients) >= max_clients:
-                        sock.close()
-                        continue
-                    clients[_key(sock)] = (sock, ModbusTcpConnection(slave))
-                    poller.register(sock, select.POLLIN)
-                    continue
-                sock, conn = clients[key]
-                data = b""
-                if event & select.POLLIN:
-                    try:
-                        data = sock.recv(TCP_MAX)
-                    except OSError:
-                        data = b""
-                alive = len(data) > 0
-                taken = 0
-                while alive and taken < len(data):
-                    taken += conn.feed(data, taken)
-                    while True:
-                        n = conn.next_reply(clock_ms())
-                        if n == NEED_MORE:
-                            break
-                        if n == CLOSE:
-                            alive = False
-                            break
-                        frames += 1
-                        if n > 0:
-                            sock.sendall(conn.out[0:n])
-                if not alive:
-                    poller.unregister(sock)
-                    sock.close()
-                    del clients[key]
-    finally:
-        for sock, _conn in clients.values():
-            sock.close()
-    return frames

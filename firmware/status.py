@@ -1,6 +1,9 @@
 # Status vocabulary shared by the firmware, the gateway and the HIL (the contract).
 # Codes are the values carried in Modbus registers; names are the strings carried in
-# CBOR messages and MQTT. Index in the tuples == code. Append only: never renumber.
+# CBOR messages and MQTT, in status_names.py (CP_NAMES, STATUS_NAMES, ERROR_NAMES,
+# LIMIT_SOURCE_NAMES; index == code), read through this module: `from firmware.status
+# import STATUS_NAMES` loads them on first use, so a board that never sends a name (the
+# Modbus links) never holds them. Append only: never renumber.
 try:
     from micropython import const
 except ImportError:  # CPython
@@ -13,7 +16,6 @@ CP_C = const(2)  # ready, charging (+6 V)
 CP_D = const(3)  # charging with ventilation (+3 V)
 CP_E = const(4)  # CP short / no supply (0 V)
 CP_F = const(5)  # EVSE not available (-12 V)
-CP_NAMES = ("A", "B", "C", "D", "E", "F")
 
 # OCPP-like connector status.
 ST_AVAILABLE = const(0)
@@ -24,8 +26,6 @@ ST_SUSPENDED_EVSE = const(4)
 ST_FINISHING = const(5)
 ST_FAULTED = const(6)
 ST_UNAVAILABLE = const(7)
-STATUS_NAMES = ("Available", "Preparing", "Charging", "SuspendedEV", "SuspendedEVSE",
-                "Finishing", "Faulted", "Unavailable")
 
 # Error codes reported with a status (OCPP vocabulary plus the column's own).
 ERR_NONE = const(0)
@@ -37,9 +37,6 @@ ERR_DIODE = const(5)             # EV diode missing (no -12 V low level)
 ERR_CONTACTOR = const(6)         # contactor feedback disagrees with the command
 ERR_CONFIG = const(7)            # configuration invalid: safe, non-charging state
 ERR_INTERNAL = const(8)          # a task died or a check failed
-ERROR_NAMES = ("NoError", "OverCurrentFailure", "PowerMeterFailure", "GroundFailure",
-               "CPShort", "EVDiodeMissing", "ContactorFailure", "ConfigError",
-               "InternalError")
 
 # Where the offered current's binding limit comes from.
 SRC_HARDWARE = const(0)
@@ -49,5 +46,10 @@ SRC_GATEWAY = const(3)
 SRC_FAILSAFE = const(4)
 SRC_PAUSE = const(5)       # below 6 A, paused (with minimum pause time)
 SRC_SAFETY = const(6)      # fault, overdraw, meter failure, disabled
-LIMIT_SOURCE_NAMES = ("hardware", "cable", "installation", "gateway", "failsafe", "pause",
-                      "safety")
+
+
+def __getattr__(name):
+    """The name tables, from status_names.py on first use (see the top of this file)."""
+    from firmware import status_names
+
+    return getattr(status_names, name)

@@ -7,7 +7,9 @@ Steps, each one stopping the flash with a clear message when it fails:
      anything touches the device: a config that does not validate is refused, naming
      every wrong key;
   2. compile the firmware with mpy-cross (tools.firmware_build) into a temporary folder
-     (or take a prebuilt bundle with --bundle);
+     (or take a prebuilt bundle with --bundle), and take from it only the modules a board
+     of the config's link mode imports (tools.firmware_build.link_modules; with
+     --keep-config, the link mode of the config the device keeps);
   3. check the port: present, not held by another program, and a MicroPython REPL
      answering on it;
   4. copy the bundle (boot.py, main.py, firmware/*.mpy) with mpremote, removing stale
@@ -74,6 +76,7 @@ class Plan:
     files: list[BundleFile]
     config_text: str | None      # None: keep the device's column.json
     dirs: list[str] = field(default_factory=list)
+    link: str | None = None      # the link mode the files are for (None: every mode's)
 
     @property
     def size_bytes(self) -> int:
@@ -123,9 +126,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def bundle_files(root: Path) -> list[BundleFile]:
-    """The files of a firmware bundle (tools.firmware_build layout), in copy order."""
-    from tools.firmware_build import BOARD_SCRIPTS
+def bundle_files(root: Path, link: str | None = None) -> list[BundleFile]:
+    """The files of a firmware bundle (tools.firmware_build layout), in copy order: with
+    `link`, only those a board of that link mode imports (all of them must be there)."""
+    from tools.firmware_build import BOARD_SCRIPTS, BuildError, bundle_names
 
     files = []
     for name in BOARD_SCRIPTS:
@@ -137,17 +141,42 @@ def bundle_files(root: Path) -> list[BundleFile]:
     modules = sorted(p for p in package.rglob("*.mpy")) if package.is_dir() else []
     if not modules:
         raise FlashError(f"{root} is not a firmware bundle: no firmware/*.mpy modules")
+    if link is not None:
+        try:
+            wanted = bundle_names(link)
+        except BuildError as exc:
+            raise FlashError(str(exc)) from None
+        have = {p.relative_to(root).as_posix() for p in modules}
+        missing = sorted(n for n in wanted - have if n.endswith(".mpy"))
+        if missing:
+            raise FlashError(f"the bundle {root} lacks {', '.join(missing)}, which a column with link "
+                             f"mode {link} imports: build it for that mode (python -m "
+                             f"tools.firmware_build --link {link}) or flash without --bundle")
+        modules = [p for p in modules if p.relative_to(root).as_posix() in wanted]
     files += modules
     return [BundleFile(p, p.relative_to(root).as_posix(), _sha256(p), p.stat().st_size) for p in files]
 
 
-def build_bundle(out: Path, march: str | None) -> Path:
+def link_mode(cfg: dict[str, object]) -> str | None:
+    link = cfg.get("link")
+    mode = link.get("mode") if isinstance(link, dict) else None
+    return mode if isinstance(mode, str) else None
+
+
+def build_bundle(out: Path, march: str | None, link: str | None = None) -> Path:
+    """Compile the firmware (only the modules of link mode `link`, when given)."""
     from tools.firmware_build import BuildError, build
 
     try:
-        return build(out=out, march=march).root
+        return build(out=out, march=march, link=link).root
     except BuildError as exc:
         raise FlashError(f"firmware build failed: {exc}", EXIT_FAILED) from None
+
+
+def plan_for(root: Path, link: str | None, config_text: str | None) -> Plan:
+    files = bundle_files(root, link)
+    dirs = sorted({f.remote.rpartition("/")[0] for f in files} - {""}, key=lambda d: (d.count("/"), d))
+    return Plan(files, config_text, dirs, link)
 
 
 def check_mpy_compat(files: Sequence[BundleFile], mpy: int) -> None:
@@ -429,22 +458,29 @@ def run(args: argparse.Namespace) -> int:
                          "one on the device)")
     # 1. The config, before anything touches the device.
     config_text = None
+    link = None     # the link mode whose modules are flashed; with --keep-config the device's decides
     if args.config is not None:
         cfg, config_text = load_config(args.config)
         print(f"config {args.config}: valid ({describe_config(cfg)})")
+        if not args.keep_config:
+            link = link_mode(cfg)
     with tempfile.TemporaryDirectory(prefix="evedge-flash-") as tmp:
-        # 2. The firmware.
-        root = args.bundle if args.bundle is not None else build_bundle(Path(tmp) / "bundle", args.march)
-        files = bundle_files(root)
-        dirs = sorted({f.remote.rpartition("/")[0] for f in files} - {""}, key=lambda d: (d.count("/"), d))
-        plan = Plan(files, config_text, dirs)
-        origin = f"prebuilt bundle {root}" if args.bundle is not None else "compiled with mpy-cross"
-        print(f"firmware: {len(files)} files, {plan.size_bytes} bytes ({origin})")
+        # 2. The firmware: the modules a board of the link mode imports.
+        root = (args.bundle if args.bundle is not None
+                else build_bundle(Path(tmp) / "bundle", args.march, link))
+        plan = plan_for(root, link, config_text)
+        _say_firmware(plan, root, args.bundle is not None)
         if args.dry_run:
             _dry_run(args, plan)
         else:
-            _flash(args, plan, Path(tmp))
+            _flash(args, plan, Path(tmp), root)
     return 0
+
+
+def _say_firmware(plan: Plan, root: Path, prebuilt: bool) -> None:
+    origin = f"prebuilt bundle {root}" if prebuilt else "compiled with mpy-cross"
+    which = f"for link mode {plan.link}" if plan.link else "for every link mode"
+    print(f"firmware: {len(plan.files)} files, {plan.size_bytes} bytes {which} ({origin})")
 
 
 def _dry_run(args: argparse.Namespace, plan: Plan) -> None:
@@ -455,10 +491,12 @@ def _dry_run(args: argparse.Namespace, plan: Plan) -> None:
     if plan.config_text is not None:
         unless = " unless the device has one" if args.keep_config else ""
         print(f"  would write {CONFIG_NAME}{unless}")
+    if plan.link is None:
+        print(f"  (of these, only the modules of the link mode in the {CONFIG_NAME} the device keeps)")
     print("dry run: nothing was sent to the device")
 
 
-def _flash(args: argparse.Namespace, plan: Plan, tmp: Path) -> None:
+def _flash(args: argparse.Namespace, plan: Plan, tmp: Path, root: Path) -> None:
     port = args.port
     # 3. The device: answering, able to load the bundle, and its config when it is kept.
     probe(port, args.timeout)
@@ -469,11 +507,17 @@ def _flash(args: argparse.Namespace, plan: Plan, tmp: Path) -> None:
     if args.keep_config and info.config_text is not None:
         kept = _check_kept_config(info.config_text)
         print(f"keeping the device's {CONFIG_NAME} ({describe_config(kept)})")
+        config = kept
     elif plan.config_text is None:
         raise FlashError(f"the device has no {CONFIG_NAME}: give one with --config FILE")
     else:
         config_file = tmp / CONFIG_NAME
         config_file.write_text(plan.config_text, encoding="utf-8")
+        config = json.loads(plan.config_text)
+    if plan.link is None:
+        # --keep-config: the config the device boots with decides which modules it imports.
+        plan = plan_for(root, link_mode(config), plan.config_text)
+        _say_firmware(plan, root, args.bundle is not None)
     # 4. and 5. Copy, then check every file's hash on the device.
     also = f" and {CONFIG_NAME}" if config_file is not None else ""
     print(f"copying {len(plan.files)} files{also} to {port} ...")

@@ -138,7 +138,7 @@ def run_rtu(path, units, run_s):
 def run_tcp(port, unit, run_s):
     import socket
 
-    from firmware.modbus_tcp import serve
+    from firmware.modbus_tcp_serve import serve
 
     column = Column(unit)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -21,7 +21,7 @@ from array import array
 from firmware import regmap, status
 from firmware.modbus import RtuRequestParser
 from firmware.modbus_slave import ModbusSlave
-from firmware.modbus_tcp import serve
+from firmware.modbus_tcp_serve import serve
 
 
 def _now_ms() -> int:

@@ -71,6 +71,12 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(out=tmp_path_factory.mktemp("bundle") / "firmware").root
 
 
+@pytest.fixture(scope="module")
+def rtu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What a board with CONFIG's link mode (modbus-rtu) carries."""
+    return build(out=tmp_path_factory.mktemp("rtu") / "firmware", link="modbus-rtu").root
+
+
 @pytest.fixture
 def device(tmp_path: Path) -> Iterator[VirtualDevice]:
     with VirtualDevice(tmp_path / "flash") as dev:
@@ -82,7 +88,8 @@ def config(tmp_path: Path) -> Path:
     return write_config(tmp_path / "column.json", CONFIG)
 
 
-def test_flash_compiles_copies_verifies_and_resets(device: VirtualDevice, config: Path, bundle: Path) -> None:
+def test_flash_compiles_copies_verifies_and_resets(device: VirtualDevice, config: Path,
+                                                   rtu_bundle: Path) -> None:
     # A device flashed before: a module the new firmware no longer has, and the energy
     # register, which a reflash must never touch.
     (device.flash_dir / "firmware").mkdir()
@@ -90,13 +97,50 @@ def test_flash_compiles_copies_verifies_and_resets(device: VirtualDevice, config
     (device.flash_dir / "energy_a.bin").write_bytes(b"\x01" * 38)
     done = flash(device.port, "--config", str(config))  # compiles with mpy-cross itself
     assert done.returncode == 0, done.stderr
-    assert "verified: sha256 of 30 files" in done.stdout
+    expected = tree_hashes(rtu_bundle)
+    assert f"verified: sha256 of {len(expected) + 1} files" in done.stdout   # and column.json
     on_device = tree_hashes(device.flash_dir)
     assert on_device.pop("energy_a.bin") == hashlib.sha256(b"\x01" * 38).hexdigest()
     assert json.loads((device.flash_dir / "column.json").read_text()) == CONFIG
     on_device.pop("column.json")
-    assert on_device == tree_hashes(bundle)  # every module, byte for byte; the stale one gone
+    # Every module a modbus-rtu column imports, byte for byte, and nothing else: no CBOR
+    # link, no host-only table; the stale module gone.
+    assert on_device == expected
+    assert "firmware/gw_modbus.mpy" in on_device and "firmware/gw_cbor.mpy" not in on_device
     wait_for_hard_reset(device)  # reset at the end, as `mpremote reset` does
+
+
+def test_a_new_link_mode_gets_its_modules_and_loses_the_old_ones(device: VirtualDevice, config: Path,
+                                                                  bundle: Path, tmp_path: Path) -> None:
+    assert flash(device.port, "--config", str(config), "--bundle", str(bundle)).returncode == 0
+    assert (device.flash_dir / "firmware" / "gw_modbus.mpy").exists()
+    cbor = write_config(tmp_path / "cbor.json", dict(CONFIG, link={"mode": "cbor-tcp", "tcp_port": 5020}))
+    done = flash(device.port, "--config", str(cbor), "--bundle", str(bundle))
+    assert done.returncode == 0, done.stderr
+    on_device = tree_hashes(device.flash_dir)
+    on_device.pop("column.json")
+    assert on_device == {f.remote: f.sha256 for f in bundle_files(bundle, "cbor-tcp")}
+    assert "firmware/gw_cbor.mpy" in on_device and "firmware/gw_modbus.mpy" not in on_device
+
+
+def test_keep_config_flashes_the_modules_of_the_kept_configs_link_mode(device: VirtualDevice, config: Path,
+                                                                         bundle: Path) -> None:
+    theirs = json.dumps(dict(CONFIG, link={"mode": "cbor-serial", "baud": 115200}))
+    (device.flash_dir / "column.json").write_text(theirs)
+    done = flash(device.port, "--keep-config", "--config", str(config), "--bundle", str(bundle))
+    assert done.returncode == 0, done.stderr
+    assert "for link mode cbor-serial" in done.stdout
+    on_device = tree_hashes(device.flash_dir)
+    assert on_device.pop("column.json") == hashlib.sha256(theirs.encode()).hexdigest()
+    assert on_device == {f.remote: f.sha256 for f in bundle_files(bundle, "cbor-serial")}
+
+
+def test_a_bundle_built_for_another_link_mode_is_refused(device: VirtualDevice, tmp_path: Path,
+                                                         rtu_bundle: Path) -> None:
+    cbor = write_config(tmp_path / "cbor.json", dict(CONFIG, link={"mode": "cbor-serial", "baud": 115200}))
+    done = flash(device.port, "--config", str(cbor), "--bundle", str(rtu_bundle))
+    assert_one_line_error(done, "lacks firmware/", "gw_cbor.mpy", "--link cbor-serial")
+    assert device.bytes_to_device == 0
 
 
 def test_a_second_flash_only_writes_what_changed(device: VirtualDevice, config: Path, bundle: Path) -> None:
@@ -104,7 +148,8 @@ def test_a_second_flash_only_writes_what_changed(device: VirtualDevice, config: 
     write_config(config, dict(CONFIG, bus_address=4))
     done = flash(device.port, "--config", str(config), "--bundle", str(bundle))
     assert done.returncode == 0, done.stderr
-    assert "written: 1, already up to date: 29" in done.stdout
+    files = len(bundle_files(bundle, "modbus-rtu"))
+    assert f"written: 1, already up to date: {files}" in done.stdout   # only column.json changed
     assert json.loads((device.flash_dir / "column.json").read_text())["bus_address"] == 4
 
 

@@ -1,0 +1,11 @@
+# The modules each gateway link mode loads on top of the core, in load order (dependencies
+# first); the last one holds the link. The one list of them: App.run() reads it once at boot
+# (then unloads it: a table a board reads once should not hold RAM for good), and
+# tools/firmware_build.py reads it, with every module's import statements, to bundle only
+# what a board of one link mode imports.
+LINKS = (
+    ("modbus-rtu", ("regmap", "image", "modbus", "modbus_slave", "gw_modbus")),
+    ("modbus-tcp", ("regmap", "image", "modbus", "modbus_slave", "modbus_tcp", "gw_modbus")),
+    ("cbor-serial", ("cbor", "frames", "messages", "cbor_link", "gw_cbor")),
+    ("cbor-tcp", ("cbor", "frames", "messages", "cbor_link", "gw_cbor")),
+)

@@ -15,7 +15,9 @@ The engine owns the world and a target (hil.replay.target) owns the columns:
   plan_failsafe in-process) fed by `dno.limit` records (validity_s 0 withdraws the limit
   with that id) and the columns' status, sending each column its assignment through
   `Target.assign_limit` when the allocation says so; a column with a recorded
-  `pilot.offered_a` gets that recorded value instead;
+  `pilot.offered_a` gets that recorded value instead. The column checks count an
+  assignment from its delivery, or, on a target that reports what each firmware received
+  (`reports_writes`: mpy, site), from when the firmware had it;
 - faults: `link.fault` (map: kind, duration_ms, and `link`: "gateway" (default) between
   the gateway and the column(s), "meter" (any kind: the meter stops answering), or "dno"
   (the broker link: DNO limits that expire meanwhile fall to the site's DNO failsafe);
@@ -213,6 +215,7 @@ class Replay:
         self._rec_n = 0
         self._dno_down = 0
         self.gateway_in_loop = False
+        self.reports_writes = False
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self, header: dict[str, Any]) -> None:
@@ -280,6 +283,9 @@ class Replay:
         # A target with the real gateway in the loop (hil.replay.target: gateway_in_loop) is
         # told the site first; the model above then only says what the DNO demands.
         self.gateway_in_loop = bool(getattr(self.target, "gateway_in_loop", False))
+        # A target that reports what each firmware received (hil.replay.target: reports_writes)
+        # feeds the column checks from that, not from when the model's assignment was sent.
+        self.reports_writes = self.gateway_in_loop or bool(getattr(self.target, "reports_writes", False))
         set_site = getattr(self.target, "set_site", None)
         if callable(set_site):
             set_site(site, settings)
@@ -461,13 +467,15 @@ class Replay:
         )
         self.gw.delivered(cmd, t, ok)
         if ok:
-            col.oracle.assignment(t, cmd.limit_a, cmd.validity_s, cmd.failsafe_a)
+            if not self.reports_writes:  # else the column checks learn of it when the firmware has it
+                col.oracle.assignment(t, cmd.limit_a, cmd.validity_s, cmd.failsafe_a)
             if cmd.limit_a != col.delivered_a:
                 col.delivered_a = cmd.limit_a
                 self._wake(col, t, hot=True)
 
     def _gateway_write(self, col: ColumnWorld, w: GatewayWrite) -> None:
-        """What the real gateway handed a column (gateway_in_loop targets)."""
+        """What a column's link handed its firmware (reports_writes targets: the real
+        gateway's writes, or the model's as the firmware received them)."""
         if w.limit_a is None:
             col.oracle.gateway_seen(w.t_ms, w.failsafe_a)
         else:
@@ -566,7 +574,7 @@ class Replay:
         gw = self.gw
         realtime = target.realtime
         site_moved = False
-        writes = getattr(target, "gateway_writes", None) if self.gateway_in_loop else None
+        writes = getattr(target, "gateway_writes", None) if self.reports_writes else None
         for col in cols:
             out = target.outputs(col.id)
             if writes is not None:

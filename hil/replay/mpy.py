@@ -7,8 +7,13 @@ simulated SDM meter on its meter line, the board's analogue world on a JSON-line
 line and a Modbus RTU link (the config's link section is replaced by
 {"mode": "modbus-rtu"}). The harness plays the gateway on that link with the same
 Modbus master as the `serial:` target (hil.replay.column_link.ModbusBus): assignments
-as FC16 writes, heartbeats while the gateway is not silent, input-register polls for
-the outputs.
+as FC16 writes, heartbeats while the gateway is not silent, input-register polls.
+
+What is observed comes from the board line with its tap on (hil.replay.tap, as on the
+`site` target): the outputs, and what the link actually handed each firmware
+(`gateway_writes()`, `reports_writes`): the engine judges the column's offer against an
+assignment from when the firmware received it (after the master's turn, retries on a
+noisy wire, a reboot), not from when its gateway model decided it.
 
 `power_cut` kills the column's process (SIGKILL: no shutdown code runs, as when the
 supply drops) and starts it again, on the same lines and in the same working folder,
@@ -21,7 +26,7 @@ gives a manipulator of your own instead (for every column, or per column id), an
 `fault_wire=False` connects the link directly.
 
 Additions to the Target contract (optional): `link_faults`, `fault_wire`, `link_fault`,
-`workdir` (kept after close when given), `vcolumn(column_id)`,
+`gateway_writes`, `reports_writes`, `workdir` (kept after close when given), `vcolumn(column_id)`,
 `column_output(column_id)` (the tail of what its firmware printed), and as for every
 realtime target (hil.replay.realtime) `stats(column_id)`, `registers(column_id)`,
 `max_lag_ms`, `TargetError`.
@@ -39,6 +44,7 @@ import subprocess
 import tempfile
 import termios
 import threading
+import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -46,7 +52,8 @@ from typing import IO, Any
 
 from hil.bus_faults import BusFaults, LineSplice
 from hil.replay.column_link import DEFAULT_BAUD, ModbusBus, TargetError
-from hil.replay.realtime import Column, RealtimeColumns
+from hil.replay.realtime import Column
+from hil.replay.tap import TapColumns
 from hil.rig.firmware_proc import INTERPRETERS, start_firmware
 from hil.rig.serial_pair import Manipulator, SerialPair
 from hil.rig.vcolumn import RUNNER, VirtualColumn
@@ -137,7 +144,7 @@ def _folder_name(column_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", column_id) or "column"
 
 
-class MpyTarget(RealtimeColumns):
+class MpyTarget(TapColumns):
     """Virtual columns running the real firmware, one process each."""
 
     def __init__(self, interp: str = "micropython", speed: float | str | None = 1.0,
@@ -223,10 +230,14 @@ class MpyTarget(RealtimeColumns):
             bus.add_unit(column_id, int(cfg["bus_address"]), float(cfg.get("heartbeat_timeout_s", 60)))
             stack.callback(bus.close)
             bus.start()
-            self.columns[column_id] = Column(column_id, cfg, bus, board=vcol, meter=vcol.meter, power=power,
-                                             faults=faults if isinstance(faults, BusFaults) else None)
+            col = Column(column_id, cfg, bus, board=vcol, meter=vcol.meter, power=power,
+                         faults=faults if isinstance(faults, BusFaults) else None)
+            self.columns[column_id] = col
+            self._tap_on(col, vcol)
         try:
             self._wait_booted()
+            self._wait_tapped(self.boot_timeout_s)
+            self._t0 = time.monotonic()   # trace time 0: every column answers and reports
         except TargetError as exc:
             tails = ["--- %s output ---\n%s" % (cid, p.output()[-2000:]) for cid, p in self._powers.items()]
             raise TargetError("%s\n%s" % (exc, "\n".join(tails))) from None

@@ -8,7 +8,8 @@ contactor from the status, closed while Charging: approximations); CP state, lim
 source, failsafe, energy and error come from the input registers, at most poll_s plus
 one transaction old. While a column is off (a power cut) or has not answered since it
 booted: no pilot (duty 10000, 0 A), contactor open, status Unavailable, CP state E, the
-last energy register seen.
+last energy register seen. (`mpy` and `site` read all of it from the board line's tap
+instead: hil.replay.tap.)
 """
 
 from __future__ import annotations

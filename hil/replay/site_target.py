@@ -31,7 +31,7 @@ The trace, mapped onto the site:
   `mpy`; a TCP link gets none (noted).
 
 What is observed: the column's edge, through the virtual board's I/O line with its tap on
-(hil/vcolumn_main.py): the pilot, contactor, status, CP state, limit source, failsafe,
+(hil.replay.tap, shared with `mpy`): the pilot, contactor, status, CP state, limit source, failsafe,
 energy register and error, and what the gateway's link handed the firmware (assignments,
 heartbeats, failsafe limits) as `gateway_writes()`, which the engine turns into the
 column's limit in force for limit.offer, limit.car and failsafe. The gateway's own
@@ -47,21 +47,20 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from firmware.controller import DEFAULTS as FW_DEFAULTS
-from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
 from gateway.core.site import PHASE_NAMES, SITE_NODE, Site
 from gateway.north import payloads, topics
 from hil.bus_faults import BusFaults
 from hil.replay.column_link import TargetError
 from hil.replay.gateway_model import GatewaySettings
-from hil.replay.realtime import Column, RealtimeColumns, outputs_from
-from hil.replay.target import ColumnOutputs, GatewayWrite
+from hil.replay.realtime import Column
+from hil.replay.tap import TapColumns
 from hil.replay.telemetry_consumer import TelemetryConsumer
 from hil.rig.broker import Broker, Listener
 from hil.rig.dno_client import DnoClient
@@ -95,20 +94,6 @@ def make_target(arg: str | None, *, speed: float | None = 1.0) -> SiteTarget:
                       gateway_loss="stop" if "hang" in opts else "kill")
 
 
-def _name(names: tuple[str, ...], code: Any) -> str:
-    return names[code] if isinstance(code, int) and 0 <= code < len(names) else "unknown(%r)" % (code,)
-
-
-def outputs_from_tap(line: Mapping[str, Any]) -> ColumnOutputs:
-    """ColumnOutputs from a board line with the tap on (hil/vcolumn_main.py)."""
-    return ColumnOutputs(duty=int(line["duty"]), offered_a=int(line["offered_da"]) / 10,
-                         contactor=bool(line["contactor"]), status=_name(STATUS_NAMES, line["status"]),
-                         cp_state=_name(CP_NAMES, line["cp"]),
-                         limit_source=_name(LIMIT_SOURCE_NAMES, line["src"]),
-                         failsafe_active=bool(line["fs"]), energy_wh=int(line["wh"]),
-                         error=_name(ERROR_NAMES, line["err"]))
-
-
 def site_tables(site: Site, settings: GatewaySettings, configs: Mapping[str, Mapping[str, Any]],
                 telemetry_interval_s: float) -> dict[str, Any]:
     """The site file's [site], [circuits], [allocation], [gateway] and [mqtt] extras."""
@@ -133,7 +118,7 @@ def site_tables(site: Site, settings: GatewaySettings, configs: Mapping[str, Map
     }
 
 
-class SiteTarget(RealtimeColumns):
+class SiteTarget(TapColumns):
     """The `site` target. Real time only: the gateway and the broker keep their own clocks
     (ValueError for another speed or an unknown option)."""
 
@@ -164,14 +149,10 @@ class SiteTarget(RealtimeColumns):
         self.notes: list[str] = []
         self.counts = {"dno_commands": 0, "broker_stops": 0, "gateway_losses": 0}
         self._stack = ExitStack()
-        self._now_ms = 0
         self._pending: list[Callable[[], None]] = []
         self._silent: set[str] = set()
         self._gateway_down = False
         self._cut: set[str] = set()
-        self._tap: dict[str, tuple[int, int, int]] = {}
-        self._since_line: dict[str, int] = {}   # column id -> board_log index its process's lines start at
-        self._writes: dict[str, list[GatewayWrite]] = {}
         self._vcols: dict[str, VirtualColumn] = {}
 
     # -- the engine's hooks --------------------------------------------------------------------
@@ -219,9 +200,6 @@ class SiteTarget(RealtimeColumns):
         (self._silent.add if silent else self._silent.discard)(column_id)
         if self._reconcile_silence not in self._pending:
             self._pending.append(self._reconcile_silence)
-
-    def gateway_writes(self, column_id: str) -> Iterable[GatewayWrite]:
-        return self._writes.pop(column_id, [])
 
     def telemetry_sequences(self) -> dict[str, list[int]] | None:
         return self.consumer.sequences() if self.consumer is not None else None
@@ -275,10 +253,8 @@ class SiteTarget(RealtimeColumns):
             self._vcols[spec.id] = vcol
             col = Column(spec.id, dict(columns[spec.id]), None, board=vcol, meter=vcol.meter,
                          power=rig.outputs[spec.id], faults=faults.get(spec.id))
-            col.board_state["tap"] = 1   # sent again whenever the column boots
             self.columns[spec.id] = col
-            self._since_line[spec.id] = len(vcol.board_log)
-            vcol.board(tap=1)
+            self._tap_on(col, vcol)
         self._wait_ready()
 
     def _consumer(self, port: int, site_id: str) -> TelemetryConsumer:
@@ -326,8 +302,7 @@ class SiteTarget(RealtimeColumns):
 
     # -- stepping ----------------------------------------------------------------------------------
     def advance(self, to_ms: int) -> None:
-        super().advance(to_ms)
-        self._now_ms = to_ms
+        super().advance(to_ms)   # sets _now_ms
         pending, self._pending = self._pending, []
         for action in pending:
             action()
@@ -335,44 +310,6 @@ class SiteTarget(RealtimeColumns):
         if rig is not None and not self._gateway_down and not rig.gateway_alive():
             raise TargetError("the gateway stopped on its own at %.1f s; its log ends:\n%s"
                               % (to_ms / 1000, self._gateway_log()))
-
-    def outputs(self, column_id: str) -> ColumnOutputs:
-        col = self._column(column_id)
-        if col.powered:
-            self._check_alive(col)
-            line = self._line(col)
-            if "cp" in line:
-                self._take_writes(column_id, line)
-                out = outputs_from_tap(line)
-                col.last_energy_wh = out.energy_wh
-                return out
-        return outputs_from(None, None, col.last_energy_wh)   # off, or booting
-
-    def _line(self, col: Column) -> dict[str, Any]:
-        """The latest board line of the column's current process ({} before its first)."""
-        vcol = self._vcols[col.column_id]
-        vcol.outputs()
-        log = vcol.board_log
-        return log[-1] if len(log) > self._since_line[col.column_id] else {}
-
-    def _take_writes(self, column_id: str, line: Mapping[str, Any]) -> None:
-        counts = (int(line["na"]), int(line["nh"]), int(line["nf"]))
-        na, nh, nf = self._tap.get(column_id, (0, 0, 0))
-        self._tap[column_id] = counts
-        failsafe_a = int(line["fda"]) / 10
-        if counts[0] != na:
-            write = GatewayWrite(self._now_ms, int(line["ada"]) / 10, int(line["as"]), failsafe_a)
-        elif counts[1] != nh or counts[2] != nf:
-            write = GatewayWrite(self._now_ms, None, 0, failsafe_a if counts[2] != nf else None)
-        else:
-            return
-        self._writes.setdefault(column_id, []).append(write)
-
-    def _power_on(self, col: Column) -> None:
-        # The new process's lines start after what the old one wrote; its tap counts from 0.
-        self._since_line[col.column_id] = len(self._vcols[col.column_id].board_log)
-        self._tap.pop(col.column_id, None)
-        super()._power_on(col)
 
     def _check_alive(self, col: Column) -> None:
         proc = self._vcols[col.column_id].proc

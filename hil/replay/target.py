@@ -99,13 +99,23 @@ class Target(Protocol):
 #   (its gateway model only says what the DNO demands, for the site checks) and feeds the
 #   column checks with what the real gateway handed each column: `gateway_writes(column_id)
 #   -> Iterable[GatewayWrite]`, drained after each `outputs()`.
+# - What each firmware received (hil.replay.tap: the `mpy` and `site` targets): a target with
+#   `reports_writes = True` reports every assignment and sign of life its columns' links
+#   actually handed the firmware as `gateway_writes(column_id)` (as above), stamped with the
+#   step at which it saw them. The engine then feeds the column checks (limit.offer,
+#   limit.car, failsafe) from those only, so a write that waited for the link, needed
+#   retries or reached a rebooted column counts from its arrival. Where the harness is the
+#   gateway (mpy) the model's assignments still go out through `assign_limit`; only where
+#   the checks learn of them changes. gateway_in_loop implies reports_writes. Without it
+#   (`sim`, `serial:`: no tap on a real board) an assignment counts from its delivery by
+#   `assign_limit`.
 # - Errors: a target that cannot start or stops answering raises `TargetError` (or an
 #   OSError/TimeoutError); `python -m hil replay` prints it as one line and exits 2.
 
 
 @dataclass(frozen=True)
 class GatewayWrite:
-    """What a column's link handed its firmware (gateway_in_loop targets): an assignment
+    """What a column's link handed its firmware (reports_writes targets): an assignment
     (limit_a, validity_s, and the failsafe in force), or with limit_a None a sign of life
     without one (a heartbeat, maybe with a new failsafe_a)."""
 

@@ -3,14 +3,18 @@ with QoS 1 telemetry for every column (telemetry_interval_s = 1, through the out
 mosquitto), at ≤ 70 % of one core with poll lateness p99 ≤ 100 ms.
 
 The columns are cheap: one process outside the gateway's (bench/modbus_farm.py) answers every
-column from a static input image, one connection per column as the gateway makes them. Each
-step starts the whole service (gateway.service.GatewayService) for N columns in its own process
-(bench/gw_scale.py), waits until every column is online and the allocation has settled, then
-measures for a window: CPU of the process (all threads), poll lateness against the schedule,
-polls, telemetry acknowledged by the broker, outbox backlog, events dropped, RSS. A step
+column from a static input image (a poll's reply is cached per connection), one connection per
+column as the gateway makes them. Each step starts the whole service
+(gateway.service.GatewayService) for N columns in its own process (bench/gw_scale.py), waits
+until every column is online and the allocation has settled, then measures for a window: CPU of
+the process (all threads, and each thread's share), poll lateness against the schedule, how
+long the control step and each telemetry slice hold the event loop, polls, telemetry
+acknowledged by the broker, outbox backlog, poll cycles skipped, events dropped, RSS. A step
 passes when every column is online, CPU ≤ 70 %, lateness p99 ≤ 100 ms, ≥ 95 % of the polls
 and ≥ 90 % of the telemetry went through, the backlog did not grow and nothing was dropped.
-N doubles until the CPU criterion fails, then the gap below the first failure is bisected.
+N doubles until the CPU criterion fails, then the gap below the first failure is bisected. A
+step that fails only on wall-clock criteria with CPU to spare is run once more (the machine is
+shared: another job's burst shows as lateness); it passes only if that second try passes.
 
 Baselines in the same run (this process, flat out, same farm and broker): the raw pymodbus
 client (reading the same image in a closed loop from 100 connections) and raw paho QoS 1
@@ -37,6 +41,7 @@ from typing import Any
 from bench.raw_clients import paho_publish, pymodbus_polls, telemetry, wire_messages
 from bench.stats import median, percentile, spread
 from bench.suite import Context
+from gateway.service import TELEMETRY_SLICE
 from hil.rig.broker import Broker, Listener
 from hil.rig.site_files import new_key, toml_text, write_secrets
 
@@ -54,6 +59,7 @@ class Farm:
     def __init__(self, work: Path, listeners: int) -> None:
         self.ports_file = work / "farm-ports.json"
         self.stats_file = work / "farm-stats.json"
+        self.ports_file.unlink(missing_ok=True)   # a stale file would name another run's ports
         env = dict(os.environ, PYTHONPATH=str(REPO))
         cmd = [sys.executable, "-m", "bench.modbus_farm", "--listeners", str(listeners),
                "--ports-file", str(self.ports_file), "--stats-file", str(self.stats_file)]
@@ -111,13 +117,15 @@ def site_file(n: int, ports: list[int], broker_port: int, work: Path) -> Path:
 
 
 def step(n: int, farm: Farm, broker_port: int, work: Path, *, window_s: float, settle_s: float,
-         profile: Path | None = None) -> dict[str, Any]:
+         profile: Path | None = None, tag: str = "") -> dict[str, Any]:
     """One gateway process for N columns; its measurements and the verdict."""
-    sdir = work / ("n%05d%s" % (n, "-profile" if profile else ""))
+    sdir = work / ("n%05d%s%s" % (n, "-profile" if profile else "", tag))
+    load_1m = os.getloadavg()[0]
     site = site_file(n, farm.ports, broker_port, sdir)
     out = sdir / "out.json"
+    online_timeout_s = max(30, n // 100)   # N connections, N online events and statuses first
     cmd = [sys.executable, "-m", "bench.gw_scale", str(site), str(out), "--window", str(window_s),
-           "--settle", str(settle_s), "--online-timeout", "30"]
+           "--settle", str(settle_s), "--online-timeout", str(online_timeout_s)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     before = farm.counters()
@@ -126,7 +134,7 @@ def step(n: int, farm: Farm, broker_port: int, work: Path, *, window_s: float, s
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 60 + window_s + settle_s
+            deadline = time.monotonic() + 60 + online_timeout_s + window_s + settle_s
             while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             after = farm.counters()
@@ -142,9 +150,9 @@ def step(n: int, farm: Farm, broker_port: int, work: Path, *, window_s: float, s
         raise RuntimeError(f"gw_scale for {n} columns wrote no result:\n{tail}")
     r = json.loads(out.read_text())
     late = r.pop("lateness_s")
-    rounds = r.pop("telemetry_round_ms", [])
-    r["telemetry_round_ms"] = {"p50": round(median(rounds), 1), "max": round(max(rounds), 1),
-                               "n": len(rounds)} if rounds else {}
+    for key in ("telemetry_round_ms", "telemetry_slice_ms", "control_step_ms"):
+        xs = r.pop(key, [])
+        r[key] = {"p50": round(median(xs), 1), "max": round(max(xs), 1), "n": len(xs)} if xs else {}
     r["lateness_ms"] = {"p50": round(1000 * median(late), 1), "p99": round(1000 * percentile(late, 99), 1),
                         "max": round(1000 * max(late), 1)} if late else {}
     served = after["requests"] - before["requests"]
@@ -153,6 +161,7 @@ def step(n: int, farm: Farm, broker_port: int, work: Path, *, window_s: float, s
     r["farm_cpu_us_per_request"] = round(1e6 * farm_cpu / served, 1) if served else None
     ok, why = verdict(r)
     r["passed"], r["failed_on"] = ok, why
+    r["load_1m"] = round(load_1m, 2)   # the machine's load average as the step started
     return r
 
 
@@ -244,6 +253,14 @@ def run(ctx: Context) -> dict[str, Any]:
             def do(n: int) -> dict[str, Any]:
                 ctx.log(f"columns_per_core: {n} columns ...")
                 r = step(n, farm, port, ctx.work, window_s=window, settle_s=settle)
+                if not r["passed"] and r["cpu_fraction"] <= CPU_MAX and r["online"] >= n and not ctx.quick:
+                    # A wall-clock criterion (lateness, throughput) failed with CPU to spare: on a
+                    # shared machine that can be another job's burst. Once more, in a fresh folder;
+                    # the step counts as passed only if this second try passes.
+                    ctx.log(f"columns_per_core: {n} columns: " + "; ".join(r["failed_on"]) + " -> once more")
+                    again = step(n, farm, port, ctx.work, window_s=window, settle_s=settle, tag="-2")
+                    again["first_try_failed_on"] = r["failed_on"]
+                    r = again
                 verdict_text = "pass" if r["passed"] else "fail: " + "; ".join(r["failed_on"])
                 ctx.log(f"columns_per_core: {n} columns: CPU {r['cpu_fraction'] * 100:.0f} %, lateness p99 "
                         f"{r['lateness_ms'].get('p99')} ms -> {verdict_text}")
@@ -285,12 +302,26 @@ def _result(ctx: Context, steps: list[dict[str, Any]], base_runs: list[dict[str,
     steps.sort(key=lambda s: s["columns"])
     passed = [s["columns"] for s in steps if s["passed"]]
     columns = max(passed, default=0)
-    xs = [float(s["columns"]) for s in steps]
-    fit_steps = [s for s in steps if s["cpu_fraction"] <= 0.95] or steps
+    # Slopes (CPU, memory, control step per column) only over steps in the steady state the
+    # figure is about: every column online, the polls done, the telemetry of the window sent and
+    # no more. A step that fell over spent less CPU per column than one that kept up, and one
+    # still sending the backlog of its start (thousands of online events) spent more.
+    def steady(s: dict[str, Any]) -> bool:
+        asked = s["columns"] * s["window_s"]
+        sent = s["telemetry_acked"] * s["telemetry_interval_s"]
+        return (s["cpu_fraction"] <= 0.95 and s["online"] >= s["columns"] and s["polls"] >= 0.95 * asked
+                and 0.9 * asked <= sent <= 1.15 * asked)
+
+    healthy = [s for s in steps if steady(s)]
+    fit_steps = healthy if len(healthy) >= 2 else [s for s in steps if s["cpu_fraction"] <= 0.95] or steps
+    xs = [float(s["columns"]) for s in fit_steps]
     a, b = _fit([float(s["columns"]) for s in fit_steps], [s["cpu_fraction"] for s in fit_steps]) \
         if len(fit_steps) >= 2 else (0.0, fit_steps[0]["cpu_fraction"] / fit_steps[0]["columns"])
     cpu_bound = int((CPU_MAX - a) / b) if b > 0 else None
-    _a2, mem_b = _fit(xs, [float(s["rss_kb"]) for s in steps]) if len(steps) >= 2 else (0.0, 0.0)
+    _a2, mem_b = _fit(xs, [float(s["rss_kb"]) for s in fit_steps]) if len(fit_steps) >= 2 else (0.0, 0.0)
+    timed = [s for s in fit_steps if s.get("control_step_ms")]
+    _a3, step_b = _fit([float(s["columns"]) for s in timed], [s["control_step_ms"]["p50"] for s in timed]) \
+        if len(timed) >= 2 else (0.0, 0.0)
     poll_us = median([r["pymodbus"]["cpu_us_per_poll"] for r in base_runs])
     msg_us = median([r["paho"]["cpu_us_per_msg"] for r in base_runs])
     col_us = 1e6 * b
@@ -298,7 +329,9 @@ def _result(ctx: Context, steps: list[dict[str, Any]], base_runs: list[dict[str,
         "columns": columns,
         "columns_cpu_bound_estimate": cpu_bound,
         "cpu_us_per_column_s": round(col_us, 1),
-        "memory_per_column_kb": round(mem_b, 1) if len(steps) >= 2 else None,
+        "memory_per_column_kb": round(mem_b, 1) if len(fit_steps) >= 2 else None,
+        "fit_columns": [s["columns"] for s in fit_steps],
+        "control_step_us_per_column": round(1000 * step_b, 1) if step_b > 0 else None,
         "criteria": {"cpu_max_fraction": CPU_MAX, "lateness_p99_max_ms": LATE_P99_MAX_S * 1000,
                      "poll_period_s": 1.0, "telemetry_interval_s": 1.0, "qos": 1},
         "steps": steps,
@@ -328,14 +361,18 @@ def _result(ctx: Context, steps: list[dict[str, Any]], base_runs: list[dict[str,
         "method": __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
     }
     result["table"] = {
-        "header": ["columns", "CPU %", "lateness p50 ms", "lateness p99 ms", "telemetry round ms (p50)",
-                   "polls/s", "telemetry/s", "RSS MB", "farm CPU %", "result"],
+        "header": ["columns", "CPU %", "lateness p50 ms", "lateness p99 ms", "control step ms (p50)",
+                   "telemetry slice ms (max)", "polls/s", "telemetry/s", "RSS MB", "farm CPU %",
+                   "load avg", "result"],
         "rows": [[s["columns"], round(100 * s["cpu_fraction"], 1), s["lateness_ms"].get("p50"),
-                  s["lateness_ms"].get("p99"), s["telemetry_round_ms"].get("p50"),
+                  s["lateness_ms"].get("p99"), s["control_step_ms"].get("p50"),
+                  s["telemetry_slice_ms"].get("max"),
                   round(s["polls"] / s["window_s"]),
                   round(s["telemetry_acked"] / s["window_s"]), round(s["rss_kb"] / 1024, 1),
-                  round(100 * s["farm_cpu_fraction"], 1),
-                  "pass" if s["passed"] else "fail: " + "; ".join(s["failed_on"])]
+                  round(100 * s["farm_cpu_fraction"], 1), s.get("load_1m"),
+                  ("pass" if s["passed"] else "fail: " + "; ".join(s["failed_on"]))
+                  + (" (2nd try; 1st: " + "; ".join(s["first_try_failed_on"]) + ")"
+                     if s.get("first_try_failed_on") else "")]
                  for s in steps],
     }
     result["notes"] = _notes(result, steps)
@@ -347,17 +384,42 @@ def _result(ctx: Context, steps: list[dict[str, Any]], base_runs: list[dict[str,
 
 
 def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
+    fit = ", ".join(str(n) for n in r["fit_columns"])
     notes = [f"Per column and second the gateway process spends {r['cpu_us_per_column_s']} µs of CPU (slope "
-             f"of CPU over N); at that rate 70 % of a core carries about {r['columns_cpu_bound_estimate']} "
-             "columns if nothing else limited it."]
+             f"of CPU over N, steps of {fit} columns, where the gateway kept up); at that rate 70 % of a "
+             f"core carries about {r['columns_cpu_bound_estimate']} columns if nothing else limited it."]
+    top = max(steps, key=lambda s: s["columns"] if s["columns"] in r["fit_columns"] else 0)
+    threads = top.get("cpu_fraction_by_thread") or {}
+    if threads:
+        notes.append(f"CPU by thread at {top['columns']} columns: " + ", ".join(
+            f"{name} {100 * frac:.1f} %" for name, frac in sorted(threads.items(), key=lambda kv: -kv[1])
+            if frac > 0) + " of a core.")
+    step_us = r.get("control_step_us_per_column")
+    if step_us:
+        notes.append(f"The control step (one allocation over every column, once a second and on changes) "
+                     f"holds the event loop about {step_us} µs per column (slope of its p50 over N): "
+                     f"{step_us:.0f} ms at 1,000 columns, 100 ms at about "
+                     f"{int(100_000 / step_us):,} columns.")
     if r["memory_per_column_kb"] is not None:
-        notes.append(f"Memory: {r['memory_per_column_kb']} KB of RSS per column (slope over the steps).")
+        notes.append(f"Memory: {r['memory_per_column_kb']} KB of RSS per column (slope over the same steps).")
     if r.get("farm_cpu_us_per_request"):
         notes.append(f"The simulated columns cost the farm process {r['farm_cpu_us_per_request']} µs per "
                      f"request (at most {max(s['farm_cpu_fraction'] for s in steps) * 100:.0f} % of a core, "
-                     "averaged over a step): "
-                     "not the bottleneck.")
+                     "averaged over a step): not the bottleneck.")
     return notes
+
+
+def _holds(s: dict[str, Any]) -> str:
+    """What held the event loop during a step, longest first."""
+    parts = []
+    step, piece = s.get("control_step_ms") or {}, s.get("telemetry_slice_ms") or {}
+    if step:
+        parts.append(f"a control step (the allocation over every column) {step['p50']} ms "
+                     f"(max {step['max']})")
+    if piece:
+        parts.append(f"a telemetry slice (up to {TELEMETRY_SLICE} columns' payloads built and queued in one "
+                     f"outbox transaction) {piece['p50']} ms (max {piece['max']})")
+    return "; ".join(parts)
 
 
 def _bottleneck(r: dict[str, Any], steps: list[dict[str, Any]], profile: dict[str, Any] | None) -> list[str]:
@@ -369,13 +431,9 @@ def _bottleneck(r: dict[str, Any], steps: list[dict[str, Any]], profile: dict[st
         late = f["lateness_ms"]
         if late and "lateness" in " ".join(f["failed_on"]) and f["cpu_fraction"] <= CPU_MAX:
             out.append(f"Lateness fails before the CPU does ({f['cpu_fraction'] * 100:.0f} % CPU): p50 "
-                       f"{late.get('p50')} ms, p99 {late.get('p99')} ms, max {late.get('max')} ms. Every TCP "
-                       "column's poll job starts at the same moment with phase 0 and the same period "
-                       "(gateway/south/modbus_tcp.py, ModbusTcpColumns.start), so each second all N polls "
-                       "fall due at once and the loop works through them in a burst: the last ones wait "
-                       "about N x the CPU per poll. The once-a-second telemetry round (every column's "
-                       "payload built and validated, then one outbox transaction, on the loop) holds it for "
-                       f"{f['telemetry_round_ms'].get('p50')} ms (p50) on top.")
+                       f"{late.get('p50')} ms, p99 {late.get('p99')} ms, max {late.get('max')} ms. The polls "
+                       "are spread over the period (column i of N at i/N of it), so a poll is late when "
+                       "something holds the event loop as it falls due: " + _holds(f) + ".")
     if profile:
         comps = ", ".join(f"{k} {v} %" for k, v in list(profile["by_component_pct"].items())[:6])
         tops = ", ".join(f"{t['function']} {t['pct']} %" for t in profile["top_functions"][:6])

@@ -4,13 +4,14 @@
     python -m bench.gw_scale SITE.toml OUT.json --window S [--settle S] [--profile OUT.prof]
 
 Once every column is online and `--settle` seconds have passed, it measures for `--window`
-seconds: the process's CPU (all threads, so paho's network thread too), one sample a second;
-poll lateness (how late each column's poll is taken against its schedule: PollSchedule.take is
-wrapped here to record it, nothing else is changed); how long each telemetry round holds the
-event loop (GatewayService.telemetry and the outbox transaction, timed the same way); polls,
-telemetry messages acknowledged by the broker, the outbox backlog, events dropped, RSS. With
---profile, cProfile records the event loop's thread during the window. It writes OUT.json, then
-stops the service cleanly.
+seconds: the process's CPU (all threads), one sample a second, and each thread's share; poll
+lateness (how late each column's poll is taken against its schedule: PollSchedule.take is
+wrapped here to record it, nothing else is changed); how long each telemetry round takes and
+how long each of its slices holds the event loop (GatewayService.telemetry_round,
+_column_telemetry and the outbox transaction, timed the same way); how long each control step
+holds it (GatewayService._safe_step); polls, telemetry messages acknowledged by the broker, the
+outbox backlog, poll cycles skipped, events dropped, RSS. With --profile, cProfile records the
+event loop's thread during the window. It writes OUT.json, then stops the service cleanly.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,27 +33,48 @@ from gateway.service import GatewayService
 from gateway.south.schedule import Due, PollSchedule
 
 LATE_S: list[float] = []
-TELEMETRY_S: list[float] = []   # one telemetry round: payloads built and queued in the outbox
+TELEMETRY_S: list[float] = []   # one telemetry round, start to end (the loop is free between its slices)
+SLICE_S: list[float] = []       # one slice of a round: payloads built and queued, the loop held
+STEP_S: list[float] = []        # one control step (allocation over every column), the loop held
 
 
 def _record_telemetry() -> None:
-    """Time each telemetry round on the event loop (building every column's payload, then the one
-    outbox transaction), by wrapping GatewayService.telemetry and ._enqueue; nothing else changes."""
-    build = GatewayService.telemetry
+    """Time each telemetry round (GatewayService.telemetry_round) and each of its slices, the
+    time the event loop is held (from _column_telemetry to the end of its _enqueue), by wrapping
+    those methods; nothing else changes."""
+    round_ = GatewayService.telemetry_round
+    build = GatewayService._column_telemetry
     enqueue = GatewayService._enqueue
     started: list[float] = []
 
-    def timed_build(self: GatewayService) -> Any:
+    async def timed_round(self: GatewayService) -> None:
+        t0 = time.perf_counter()
+        await round_(self)
+        TELEMETRY_S.append(time.perf_counter() - t0)
+
+    def timed_build(self: GatewayService, views: Any, now: int) -> Any:
         started.append(time.perf_counter())
-        return build(self)
+        return build(self, views, now)
 
     def timed_enqueue(self: GatewayService, messages: Any) -> None:
         enqueue(self, messages)
-        if started and len(messages) > 1:
-            TELEMETRY_S.append(time.perf_counter() - started.pop())
+        if started and messages and messages[0].kind == "telemetry":
+            SLICE_S.append(time.perf_counter() - started.pop())
 
-    GatewayService.telemetry = timed_build  # type: ignore[method-assign]
+    GatewayService.telemetry_round = timed_round  # type: ignore[method-assign]
+    GatewayService._column_telemetry = timed_build  # type: ignore[method-assign]
     GatewayService._enqueue = timed_enqueue  # type: ignore[method-assign]
+
+
+def _record_control_steps() -> None:
+    step = GatewayService._safe_step
+
+    def timed(self: GatewayService) -> None:
+        t0 = time.perf_counter()
+        step(self)
+        STEP_S.append(time.perf_counter() - t0)
+
+    GatewayService._safe_step = timed  # type: ignore[method-assign]
 
 
 def _record_lateness() -> None:
@@ -63,6 +87,23 @@ def _record_lateness() -> None:
         return due
 
     PollSchedule.take = measured  # type: ignore[method-assign]
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds of each thread of this process, by thread name (the event loop's thread is
+    MainThread, paho's network loop is paho-mqtt-client-*, asyncio.to_thread workers asyncio_N)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(task.name), "other")
+        name = "paho" if name.startswith("paho") else "to_thread" if name.startswith("asyncio_") else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def rss_kb() -> int:
@@ -89,13 +130,18 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     online_s = time.monotonic() - t0
     online = sum(1 for v in service.views.values() if v.online)
     await asyncio.sleep(settle_s)
+    channels = getattr(service.south.adapters["modbus-tcp"], "_channels", {})
+    skipped0 = sum(ch.schedule.skipped_cycles for ch in channels.values())
     stats0 = _counters(service)
     LATE_S.clear()
     TELEMETRY_S.clear()
+    SLICE_S.clear()
+    STEP_S.clear()
     samples = []
     if profile is not None:
         profile.enable()
     w0, c0 = time.monotonic(), time.process_time()
+    threads0 = thread_cpu_s()
     last_w, last_c = w0, c0
     while time.monotonic() - w0 < window_s:
         await asyncio.sleep(1.0)
@@ -103,22 +149,26 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
         samples.append((c - last_c) / (w - last_w))
         last_w, last_c = w, c
     wall, cpu = time.monotonic() - w0, time.process_time() - c0
+    threads1 = thread_cpu_s()
     if profile is not None:
         profile.disable()
     stats1 = _counters(service)
     late = sorted(LATE_S)
-    channels = getattr(service.south.adapters["modbus-tcp"], "_channels", {})
     return {
         "columns": n, "online": online, "online_after_s": round(online_s, 1),
         "window_s": round(wall, 2), "cpu_s": round(cpu, 3), "cpu_fraction": round(cpu / wall, 4),
         "cpu_fraction_samples": [round(x, 4) for x in samples],
+        "cpu_fraction_by_thread": {k: round((v - threads0.get(k, 0.0)) / wall, 4)
+                                   for k, v in sorted(threads1.items())},
         "polls": stats1[0] - stats0[0], "poll_failures": stats1[1] - stats0[1],
         "events_dropped": stats1[2] - stats0[2], "telemetry_acked": stats1[3] - stats0[3],
         "outbox_backlog_start": stats0[4], "outbox_backlog_end": stats1[4],
         "lateness_samples": len(late),
         "telemetry_round_ms": [round(1000 * x, 2) for x in TELEMETRY_S],
+        "telemetry_slice_ms": [round(1000 * x, 2) for x in SLICE_S],
+        "control_step_ms": [round(1000 * x, 2) for x in STEP_S],
         "lateness_s": late[:: max(1, len(late) // 20000)],   # at most ~20k samples back
-        "skipped_cycles": sum(ch.schedule.skipped_cycles for ch in channels.values()),
+        "skipped_cycles": sum(ch.schedule.skipped_cycles for ch in channels.values()) - skipped0,
         "rss_kb": rss_kb(),
         "telemetry_interval_s": service.telemetry_interval_s,
     }
@@ -157,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     _record_lateness()
     _record_telemetry()
+    _record_control_steps()
     asyncio.run(main_async(args))
     return 0
 

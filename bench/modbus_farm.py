@@ -72,6 +72,10 @@ class Column(asyncio.Protocol):
         self.stats = stats
         self.buf = b""
         self.transport: asyncio.Transport | None = None
+        # Read replies by (unit, pdu) without the transaction id: a poll asks the same every
+        # second, so the farm answers it with one dict lookup (cleared when a write changes
+        # the image); the simulated columns must cost far less than the gateway polling them.
+        self.replies: dict[tuple[int, bytes], bytes] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -89,7 +93,16 @@ class Column(asyncio.Protocol):
                 break
             if len(buf) < end:
                 break
-            out.append(self._answer(tid, unit, buf[7:end]))
+            pdu = buf[7:end]
+            cached = self.replies.get((unit, pdu))
+            if cached is not None:
+                self.stats.requests[pdu[0]] = self.stats.requests.get(pdu[0], 0) + 1
+                out.append(buf[0:2] + cached)
+            else:
+                frame = self._answer(tid, unit, pdu)
+                if pdu[0] in (3, 4):
+                    self.replies[(unit, pdu)] = frame[2:]
+                out.append(frame)
             buf = buf[end:]
         self.buf = buf
         if out and self.transport is not None:
@@ -106,6 +119,7 @@ class Column(asyncio.Protocol):
             body = pdu[:5]
         elif fc == 16 and len(pdu) >= 5:
             body = pdu[:5]
+            self.replies.clear()
             start, count = struct.unpack_from(">HH", pdu, 1)
             if start == regmap.HR_ASSIGNED_LIMIT and 2 <= count <= 3 and len(pdu) >= 6 + 2 * count:
                 values = struct.unpack_from(">%dH" % count, pdu, 6)

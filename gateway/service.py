@@ -14,8 +14,9 @@ One asyncio TaskGroup with named tasks:
 - ``limits:<writer>``: one writer per RS-485 bus and per TCP/CBOR column, so a slow column never
   holds back a decrease for another; commands queued while a write runs are merged (the latest
   limit per column wins, a pending failsafe is kept).
-- ``telemetry``: column and site telemetry every ``telemetry_interval_s``, in one outbox
-  transaction.
+- ``telemetry``: column and site telemetry every ``telemetry_interval_s``, in slices of
+  ``TELEMETRY_SLICE`` columns (one outbox transaction each) with the loop free between them, so a
+  round for thousands of columns never holds up the polls.
 - ``commands``: DNO commands: ``CommandAuthenticator.check`` -> ``LimitBook.add`` (site and
   column limits) or the site settings (failsafe, config) -> ``AuditLog.record`` (every decision,
   before anything reaches a column) -> control step and the columns' writes (at most
@@ -35,6 +36,10 @@ Site failsafe and config commands change the site settings until their validity 
 the values from the site file come back. An expiry that would change the DNO failsafe is held
 while the DNO link is down: the LimitBook is rebuilt on such a change and only keeps the limits
 still valid, which is exact only while the link is up (see ``_apply_site``).
+
+At start the DNO commands accepted and still valid are taken back from the audit log
+(``read_decisions``): a restart after a crash or a power cut must not undo a curtailment the
+DNO was told was applied.
 
 Shutdown (``request_stop``, SIGTERM): every online column gets its current limit again with its
 failsafe, confirmed where the link confirms writes; the outbox is drained while the broker is
@@ -73,7 +78,7 @@ from gateway.core.limits import (
 )
 from gateway.core.site import PHASE_NAMES, CborSerialLink, CborTcpLink, Column, ModbusRtuLink, to_da
 from gateway.north import payloads, topics
-from gateway.north.audit import AuditLog
+from gateway.north.audit import AuditLog, read_decisions
 from gateway.north.auth import CommandAuthenticator, Decision
 from gateway.north.outbox import MessageKind, Outbox, Outgoing
 from gateway.north.payloads import Command, CommandKind, LimitContext, Reason, utc_ms
@@ -102,8 +107,10 @@ _BOOK_REASONS = {R_NOT_FINITE: Reason.NOT_FINITE, R_NEGATIVE: Reason.OUT_OF_RANG
                  R_EXPIRED: Reason.EXPIRED, R_UNKNOWN_COLUMN: Reason.UNKNOWN_COLUMN}
 _FAILSAFE_TOLERANCE_A = 0.05
 _CONFIRM_GRACE_MS = 3000      # a reading may predate a write by this much
+_VALIDITY_SLACK_S = 5.0       # a column's validity left may trail ours by this much (rounding, delays)
 _MIN_STEP_GAP_S = 0.05        # event-driven steps at most this often
 ACK_WAIT_S = 2.0              # a command's ack waits this long for the columns' writes
+TELEMETRY_SLICE = 250         # columns per slice of a telemetry round (~8 ms of the loop each)
 SHUTDOWN_WAIT_S = 5.0         # final limit writes at shutdown
 DRAIN_WAIT_S = 3.0            # outbox drain at shutdown while the broker is connected
 
@@ -319,6 +326,7 @@ class GatewayService:
         self._load_state = LoadCheckState()
         self._overrides = _Overrides()
         self._telemetry_s = self.svc.telemetry_interval_s
+        self._telemetry_topics: dict[str, str] = {}   # column id -> its telemetry topic (built once)
         self._last_effective: tuple[str, tuple[float, float, float]] | None = None
         self._writers: dict[str, LimitWriter] = {}
         self._meter_ok = True               # no meter fault announced
@@ -351,6 +359,7 @@ class GatewayService:
                              durability=mqtt.outbox.durability, clock_ms=self._now_ms)
         self.audit = AuditLog(dno.audit_path, max_bytes=dno.audit_max_bytes, backups=dno.audit_backups,
                               clock_ms=self._now_ms)
+        self._restore_commands(read_decisions(dno.audit_path, dno.audit_backups))
         self.auth = CommandAuthenticator(keys, site_id=self.site_id, window_s=dno.window_s,
                                          max_validity_s=dno.max_validity_s,
                                          replay_capacity=dno.replay_capacity,
@@ -359,6 +368,36 @@ class GatewayService:
         self.publisher = Publisher(mqtt, self.outbox, site_id=self.site_id,
                                    subscriptions=topics.gateway_subscriptions(self.site_id),
                                    on_message=self._on_inbound, clock_ms=self._now_ms)
+
+    def _restore_commands(self, decisions: Sequence[dict[str, Any]]) -> None:
+        """The DNO's accepted commands still valid, from the audit log: a gateway restarted after
+        a crash or a power cut goes on obeying the limits it acknowledged (in the order accepted)."""
+        now = self._now_ms()
+        restored = 0
+        for d in decisions:
+            until, limit, kind = d.get("valid_until_ms"), d.get("limit_a"), d.get("kind")
+            if d.get("decision") != "accepted" or not isinstance(until, int) or until <= now:
+                continue
+            try:
+                target = topics.parse(str(d.get("topic")))
+            except topics.TopicError:
+                continue
+            if kind in (CommandKind.SITE_LIMIT, CommandKind.COLUMN_LIMIT) and isinstance(limit, int | float):
+                lim = Limit(SOURCE_DNO, float(limit), until, column=target.column_id, id=str(d.get("id")))
+                restored += self.book.add(lim, now) is None
+            elif kind == CommandKind.SITE_FAILSAFE and isinstance(limit, int | float):
+                duration = d.get("duration_s")
+                self._overrides.failsafe = (min(float(limit), max(self.site.capacity_a)),
+                                            duration if isinstance(duration, int) else None, until)
+                restored += 1
+            elif kind == CommandKind.CONFIG and isinstance(d.get("config"), dict):
+                for name, value in d["config"].items():
+                    if isinstance(value, int):
+                        self._overrides.config[name] = (value, until)
+                restored += 1
+        if restored:
+            log.info("restored %d DNO commands still valid from the audit log", restored)
+            self._apply_site(now)
 
     async def run(self) -> None:
         started: list[Any] = []
@@ -595,15 +634,30 @@ class GatewayService:
 
     def _check_column_limits(self, view: ColumnView, r: ColumnReading, now: int) -> None:
         """Resend when the column no longer holds what we gave it (it rebooted, a broadcast
-        was lost, ...): its failsafe differs, or its assignment is gone while still valid."""
-        if now - view.written_ms < _CONFIRM_GRACE_MS or view.inflight:
+        was lost, ...): its failsafe differs, or its assignment is gone while still valid, or it
+        offers more than our last limit although our limit binds it (a broadcast is not
+        confirmed: a lost decrease must not wait for the next refresh)."""
+        if view.inflight:
+            return
+        if (not view.need_sync and view.applied_a is not None and view.valid_until_ms > now
+                and r.ts_ms > view.written_ms and r.limit_source == "gateway"
+                and r.offered_a > view.applied_a + _FAILSAFE_TOLERANCE_A):
+            self._resync_warning(view, "offers %.1f A, above its limit %.1f A" % (r.offered_a,
+                                                                                 view.applied_a))
+            view.need_sync = True
+            self._wake()
+        if now - view.written_ms < _CONFIRM_GRACE_MS:
             return
         if view.failsafe_ok_a is not None and abs(r.failsafe_a - view.failsafe_ok_a) > _FAILSAFE_TOLERANCE_A:
             self._resync_warning(view, "holds failsafe %.1f A, expected %.1f A" % (r.failsafe_a,
                                                                                  view.failsafe_ok_a))
             view.failsafe_ok_a = None
             self._wake()
-        lost = view.valid_until_ms > now + _CONFIRM_GRACE_MS and r.assigned_remaining_s == 0
+        # Gone, or shorter than our last write left it: that write (a broadcast refresh) was lost.
+        expected_s = (view.valid_until_ms - r.ts_ms) / 1000
+        lost = view.valid_until_ms > now + _CONFIRM_GRACE_MS and (
+            r.assigned_remaining_s == 0
+            or (r.ts_ms > view.written_ms and r.assigned_remaining_s < expected_s - _VALIDITY_SLACK_S))
         if lost and not view.need_sync:
             self._resync_warning(view, "lost its limit assignment")
             view.need_sync = True
@@ -785,12 +839,18 @@ class GatewayService:
             view.inflight = False
             result = by_column.get(cmd.column_id)
             if result is not None and result.ok:
+                lower = view.applied_a is not None and result.limit_da / 10 < view.applied_a
                 view.applied_a = result.limit_da / 10
                 view.written_ms = now
                 view.valid_until_ms = now + cmd.validity_s * 1000
                 if cmd.failsafe_a is not None:
                     view.failsafe_ok_a = cmd.failsafe_a
                     view.need_sync = False
+                elif result.via == "broadcast" and lower:
+                    # Nobody answers a broadcast: a decrease goes once more at the next step,
+                    # with the failsafe, i.e. confirmed. A lost one would leave the column above
+                    # its share until its next write.
+                    view.need_sync = True
                 view.write_failure = ""
                 continue
             reason = result.reason if result is not None else "no_result"
@@ -972,18 +1032,44 @@ class GatewayService:
                                 retain=True)])
 
     async def _telemetry_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self._telemetry_s)
+            # Rounds start every interval from the last start, not an interval after the last
+            # round ended: a round of thousands of columns takes a while, and would add up.
+            due = max(due + self._telemetry_s, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
-                self._enqueue(self.telemetry())
+                await self.telemetry_round()
             except Exception:
                 log.exception("telemetry failed")
 
-    def telemetry(self) -> list[Outgoing]:
-        """One round: every online column's telemetry and the site's."""
+    async def telemetry_round(self) -> None:
+        """One round, queued slice by slice (one transaction of at most TELEMETRY_SLICE column
+        messages each, the site's with the last), the event loop free between slices."""
         now = self._now_ms()
+        views = list(self.views.items())
+        for start in range(0, len(views), TELEMETRY_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            out = self._column_telemetry(views[start:start + TELEMETRY_SLICE], now)
+            if start + TELEMETRY_SLICE >= len(views):
+                out.append(self._site_message(now))
+            self._enqueue(out)
+        if not views:
+            self._enqueue([self._site_message(now)])
+
+    def telemetry(self) -> list[Outgoing]:
+        """One round at once: every online column's telemetry and the site's."""
+        now = self._now_ms()
+        return [*self._column_telemetry(list(self.views.items()), now), self._site_message(now)]
+
+    def _site_message(self, now: int) -> Outgoing:
+        return Outgoing(topics.site_telemetry(self.site_id), self._site_telemetry(now), MessageKind.TELEMETRY)
+
+    def _column_telemetry(self, views: Sequence[tuple[str, ColumnView]], now: int) -> list[Outgoing]:
         out: list[Outgoing] = []
-        for cid, view in self.views.items():
+        for cid, view in views:
             r = view.reading
             if not view.online or r is None:
                 continue
@@ -997,9 +1083,10 @@ class GatewayService:
                 self.stats.bad_messages += 1
                 log.warning("column %s telemetry skipped: %s", cid, exc)
                 continue
-            out.append(Outgoing(topics.column_telemetry(self.site_id, cid), body, MessageKind.TELEMETRY))
-        out.append(Outgoing(topics.site_telemetry(self.site_id), self._site_telemetry(now),
-                            MessageKind.TELEMETRY))
+            topic = self._telemetry_topics.get(cid)
+            if topic is None:
+                topic = self._telemetry_topics[cid] = topics.column_telemetry(self.site_id, cid)
+            out.append(Outgoing(topic, body, MessageKind.TELEMETRY))
         return out
 
     def _site_telemetry(self, now: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ of its own phases is wired to.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -149,10 +150,16 @@ class Site:
     allocation: AllocationSettings = field(default_factory=AllocationSettings)
 
     def column(self, column_id: str) -> Column | None:
+        return self._column_index.get(column_id)
+
+    @functools.cached_property
+    def _column_index(self) -> dict[str, Column]:
+        """Columns by id, built at the first lookup (the allocation looks up every column at
+        every step: a scan made that O(N^2)). The first of a duplicated id wins, as before."""
+        index: dict[str, Column] = {}
         for col in self.columns:
-            if col.id == column_id:
-                return col
-        return None
+            index.setdefault(col.id, col)
+        return index
 
     def node_path(self, circuit: str) -> tuple[str, ...]:
         """Nodes from ``circuit`` up to the site, inclusive: ('f1a', 'f1', 'site')."""

@@ -12,6 +12,9 @@ the payload and any key are never written. Each line is flushed and fsync'd befo
 record() returns (commands are rare; the log must survive a power cut). When a line
 would take the file past max_bytes the file is renamed to <name>.1 (older ones
 shift to .2 ... .<backups>, the oldest is deleted) and a new file is started.
+
+It is also the gateway's durable record of what the DNO ordered: read_decisions() gives
+a restarted gateway the accepted commands, so that it goes on obeying those still valid.
 """
 
 from __future__ import annotations
@@ -111,3 +114,24 @@ class AuditLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_decisions(path: Path, backups: int = 5) -> list[dict[str, Any]]:
+    """Every decision still on disk, oldest first (<name>.<backups> .. <name>.1, then the
+    live file). A line that does not parse (torn by a power cut) is skipped."""
+    path = Path(path)
+    files = [path.with_name(f"{path.name}.{n}") for n in range(backups, 0, -1)] + [path]
+    out: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            text = f.read_bytes().decode("ascii", "replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+    return out

@@ -133,6 +133,17 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_drop_order ON outbox (prio, id);
 """
 _COLUMNS = "id, seq, kind, topic, payload, qos, retain, correlation, enqueued_ms"
+_INSERT = ("INSERT INTO outbox (seq, kind, prio, topic, payload, qos, retain, correlation, enqueued_ms, "
+           "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_KINDS = {k.value: k for k in MessageKind}
+
+
+def _stamp(body: bytes, seq: int) -> bytes:
+    """`encode({**payload, "seq": seq})` from `encode(payload)`: the same bytes (seq is the last
+    key), without encoding the payload again inside the transaction."""
+    if body == b"{}":
+        return b'{"seq":%d}' % seq
+    return b'%s,"seq":%d}' % (body[:-1], seq)
 
 
 class Outbox:
@@ -218,32 +229,64 @@ class Outbox:
         return self.enqueue_many([Outgoing(topic, payload, kind, qos, retain, correlation)])[0]
 
     def enqueue_many(self, messages: Sequence[Outgoing]) -> list[int]:
-        """Queue several messages in one transaction (one fsync); returns their seqs."""
+        """Queue several messages in one transaction (one fsync); returns their seqs.
+
+        The payloads are encoded before the transaction (the seq is spliced into the JSON
+        text); a batch that fits the bounds goes in with one executemany and one update of
+        the seq counter, so a telemetry round of thousands of messages costs a few µs each."""
         for msg in messages:
             if msg.qos not in (0, 1):
                 raise ValueError("qos must be 0 or 1")
             if "seq" in msg.payload:
                 raise ValueError("the outbox stamps seq; do not set it")
-        seqs = self._transaction(lambda: [self._insert(m) for m in messages])
+        if not messages:
+            return []
+        bodies = [encode(msg.payload) for msg in messages]
+        seqs = self._transaction(lambda: self._insert_all(messages, bodies))
         if self.on_enqueue is not None and seqs:
             self.on_enqueue()
         return seqs
+
+    def _insert_all(self, messages: Sequence[Outgoing], bodies: Sequence[bytes]) -> list[int]:
+        first = self._get("next_seq", 1)
+        now = self._clock_ms()
+        rows = []
+        total = 0
+        for i, (msg, unstamped) in enumerate(zip(messages, bodies, strict=True)):
+            seq = first + i
+            body = _stamp(unstamped, seq)
+            size = self._size(msg, body)
+            total += size
+            rows.append((seq, str(msg.kind), DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
+                         int(msg.retain), msg.correlation, now, size))
+        n = len(rows)
+        if self._rows + n > self.max_rows or self._bytes + total > self.max_bytes:
+            # Something has to go: one message at a time, by the drop policy.
+            return [self._insert(msg, row[0], row[4], row[9])
+                    for msg, row in zip(messages, rows, strict=True)]
+        self._db.executemany(_INSERT, rows)
+        self._set("next_seq", first + n)
+        self._rows += n
+        self._bytes += total
+        return [first + i for i in range(n)]
 
     def _next_seq(self) -> int:
         seq = self._get("next_seq", 1)
         self._set("next_seq", seq + 1)
         return seq
 
-    def _encode(self, msg: Outgoing, seq: int) -> tuple[bytes, int]:
-        body = encode({**msg.payload, "seq": seq})
+    def _size(self, msg: Outgoing, body: bytes) -> int:
         size = len(body) + len(msg.topic.encode()) + len(msg.correlation or b"")
         if size > self.max_bytes:
             raise ValueError(f"message of {size} bytes is larger than the outbox ({self.max_bytes})")
-        return body, size
+        return size
 
-    def _insert(self, msg: Outgoing) -> int:
-        seq = self._next_seq()
-        body, size = self._encode(msg, seq)
+    def _encode(self, msg: Outgoing, seq: int) -> tuple[bytes, int]:
+        body = encode({**msg.payload, "seq": seq})
+        return body, self._size(msg, body)
+
+    def _insert(self, msg: Outgoing, seq: int, body: bytes, size: int) -> int:
+        self._set("next_seq", seq + 1)
         if not self._make_room(size, DROP_PRIORITY[msg.kind]):
             self._count_drop(str(msg.kind), seq)  # everything queued matters more than this one
             return seq
@@ -251,11 +294,8 @@ class Outbox:
         return seq
 
     def _write(self, msg: Outgoing, seq: int, body: bytes, size: int) -> None:
-        self._db.execute(
-            "INSERT INTO outbox (seq, kind, prio, topic, payload, qos, retain, correlation, "
-            "enqueued_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, str(msg.kind), DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos, int(msg.retain),
-             msg.correlation, self._clock_ms(), size))
+        self._db.execute(_INSERT, (seq, str(msg.kind), DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
+                                   int(msg.retain), msg.correlation, self._clock_ms(), size))
         self._rows += 1
         self._bytes += size
 
@@ -286,7 +326,8 @@ class Outbox:
         """The oldest rows with row_id > after_row_id, in order (nothing is removed)."""
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                                 (after_row_id, limit)).fetchall()
-        return [OutboxRow(r[0], r[1], MessageKind(r[2]), r[3], bytes(r[4]), r[5], bool(r[6]),
+        kinds = _KINDS
+        return [OutboxRow(r[0], r[1], kinds[r[2]], r[3], bytes(r[4]), r[5], bool(r[6]),
                           None if r[7] is None else bytes(r[7]), r[8]) for r in rows]
 
     def ack(self, row_ids: Iterable[int]) -> int:

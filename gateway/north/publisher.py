@@ -1,9 +1,14 @@
 """The MQTT connection: drains the outbox to the broker and hands commands to the service.
 
 asyncio on one side, paho-mqtt 2.x on the other. Each connection is a fresh paho
-client whose network loop runs in paho's thread; every paho callback is forwarded to
-the event loop with call_soon_threadsafe, so all state here (the outbox, the mid map)
-is touched by the event loop only. paho never reconnects by itself
+client. Its blocking connect (TCP, TLS handshake, CONNECT) runs in a worker thread; from
+then on the event loop serves its socket (paho's "external loop" mode: add_reader /
+add_writer, loop_misc once a second for the keepalive), so there is no paho thread: no
+select() (which fails once the process holds 1024 file descriptors, as a gateway with a
+thousand Modbus TCP columns does) and no hand-over between threads for every message.
+paho's callbacks are queued onto the loop (call_soon), so all state here (the outbox, the
+mid map) is touched by the event loop only, outside paho's own call stack. paho never
+reconnects by itself
 (reconnect_on_failure=False): this module does, with jittered exponential backoff, and
 each new connection starts clean and re-sends every row still in the outbox, oldest
 first. The broker may so see a message twice (PUBACK lost with the connection);
@@ -30,7 +35,9 @@ import logging
 import random
 import socket
 import ssl
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +112,8 @@ class _Session:
     specials: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # birth/offline mids
     cursor: int = 0  # last outbox row id sent on this connection
     ready: bool = False
+    sock: Any = None                              # the socket the loop serves (None: not attached)
+    misc: asyncio.TimerHandle | None = None       # the next loop_misc (keepalive) call
 
 
 class Publisher:
@@ -241,7 +250,7 @@ class Publisher:
         try:
             kwargs: dict[str, Any] = {"clean_start": True} if s.protocol == "5" else {}
             await asyncio.to_thread(client.connect, s.host, s.port, s.keepalive_s, **kwargs)
-            client.loop_start()
+            self._attach(session)
             await asyncio.wait_for(session.connack, s.connect_timeout_s)
         except (OSError, TimeoutError, ValueError) as exc:
             self.stats.connect_failures += 1
@@ -263,11 +272,65 @@ class Publisher:
             client.subscribe([(f, 1) for f in self.subscriptions])
         return session
 
-    def _bind(self, session: _Session) -> None:
-        """paho callbacks (paho's thread) -> event loop, tagged with their session."""
+    def _attach(self, session: _Session) -> None:
+        """Serve the connected client's socket from the event loop."""
         loop = self._loop
         assert loop is not None
         client = session.client
+        sock = client.socket()
+        if sock is None:
+            raise OSError("connection closed")
+        session.sock = sock
+        client.on_socket_register_write = lambda _c, _u, s: loop.add_writer(s, client.loop_write)
+        client.on_socket_unregister_write = lambda _c, _u, s: loop.remove_writer(s)
+        client.on_socket_close = lambda _c, _u, _s: self._detach(session)
+        loop.add_reader(sock, self._readable, session)
+        session.misc = loop.call_later(1.0, self._misc, session)
+        if client.want_write():   # the rest of CONNECT, if the thread could not write it all
+            client.loop_write()
+
+    def _readable(self, session: _Session) -> None:
+        client = session.client
+        while client.loop_read() == mqtt.MQTT_ERR_SUCCESS:
+            sock = client.socket()
+            pending = getattr(sock, "pending", None)   # TLS: bytes already decrypted, no event for them
+            if pending is None or not pending():
+                break
+
+    def _misc(self, session: _Session) -> None:
+        session.misc = None
+        client = session.client
+        if client.socket() is None:
+            return
+        client.loop_misc()   # PINGREQ when due; a missing PINGRESP ends the connection
+        if client.socket() is not None and self._loop is not None:
+            session.misc = self._loop.call_later(1.0, self._misc, session)
+
+    def _detach(self, session: _Session) -> None:
+        """The socket is closing (paho says so, or we close it): the loop lets go of it."""
+        loop = self._loop
+        if session.sock is not None and loop is not None:
+            loop.remove_reader(session.sock)
+            loop.remove_writer(session.sock)
+        session.sock = None
+        if session.misc is not None:
+            session.misc.cancel()
+            session.misc = None
+
+    def _bind(self, session: _Session) -> None:
+        """paho callbacks -> event loop, tagged with their session. They come from paho's calls
+        in the loop's thread (loop_read/loop_write/loop_misc), or, while connecting, from the
+        worker thread: queued either way, never run inside paho's call stack."""
+        loop = self._loop
+        assert loop is not None
+        client = session.client
+        loop_thread = threading.get_ident()
+
+        def post(callback: Callable[..., None], *args: Any) -> None:
+            if threading.get_ident() == loop_thread:
+                loop.call_soon(callback, *args)
+            else:
+                loop.call_soon_threadsafe(callback, *args)
 
         def on_socket_open(_c: mqtt.Client, _u: Any, sock: Any) -> None:
             try:
@@ -276,13 +339,28 @@ class Publisher:
                 log.warning("mqtt: cannot set TCP_NODELAY: %s", exc)
 
         def on_connect(_c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
-            loop.call_soon_threadsafe(self._on_connack, session, rc.is_failure, str(rc))
+            post(self._on_connack, session, rc.is_failure, str(rc))
 
         def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
-            loop.call_soon_threadsafe(self._on_lost, session, str(rc))
+            post(self._on_lost, session, str(rc))
+
+        # PUBACKs come by the thousand a second: queued, and handled in one batch per read.
+        pubacks: deque[tuple[int, ReasonCode]] = deque()
+        scheduled = [False]
+
+        def drain_pubacks() -> None:
+            scheduled[0] = False   # before draining: a PUBACK queued from now on schedules again
+            while pubacks:
+                mid, rc = pubacks.popleft()
+                failed = rc.is_failure
+                self._on_puback(session, mid, failed, str(rc) if failed else "")
+            self.wake()
 
         def on_publish(_c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
-            loop.call_soon_threadsafe(self._on_puback, session, mid, rc.is_failure, str(rc))
+            pubacks.append((mid, rc))
+            if not scheduled[0]:
+                scheduled[0] = True
+                post(drain_pubacks)
 
         def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any) -> None:
             failed = [str(rc) for rc in rcs if rc.is_failure]
@@ -296,7 +374,7 @@ class Publisher:
                 qos=msg.qos, retain=bool(msg.retain),
                 response_topic=getattr(props, "ResponseTopic", None),
                 correlation_data=getattr(props, "CorrelationData", None))
-            loop.call_soon_threadsafe(self._on_inbound, inbound)
+            post(self._on_inbound, inbound)
 
         client.on_socket_open = on_socket_open
         client.on_connect = on_connect
@@ -347,7 +425,6 @@ class Publisher:
         if not self._acked:
             self._acked_since = time.monotonic()
         self._acked.append(row_id)
-        self.wake()
 
     def _on_inbound(self, message: InboundMessage) -> None:
         self.stats.inbound += 1
@@ -453,10 +530,19 @@ class Publisher:
             log.warning("mqtt: offline state not acknowledged before disconnect")
 
     async def _close(self, session: _Session) -> None:
-        """End a connection (whatever state it is in) and join paho's thread."""
+        """End a connection, whatever state it is in."""
         self._flush_acks(force=True)
-        session.client.disconnect()
-        await asyncio.to_thread(session.client.loop_stop)
+        client = session.client
+        if session.sock is not None and client.socket() is not None:
+            client.disconnect()
+            client.loop_write()   # DISCONNECT now; paho closes the socket once it is out
+            deadline = time.monotonic() + 1.0
+            while client.socket() is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        self._detach(session)
+        sock = client.socket()
+        if sock is not None:   # never attached, or the DISCONNECT could not get out
+            sock.close()
         session.inflight.clear()
         if self._session is session:
             self._session = None

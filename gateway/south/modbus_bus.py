@@ -42,6 +42,7 @@ from gateway.south.schedule import (
     LineTiming,
     PollSchedule,
     read_reply_bytes,
+    spread_s,
     write_multiple_request_bytes,
 )
 from gateway.south.types import (
@@ -137,7 +138,7 @@ class Requester:
         return ExchangeError(reason, detail)
 
     async def _call(self, op: Callable[[], Awaitable[ModbusPDU]], timeout_s: float,
-                    reply_len: int) -> ModbusPDU:
+                    reply_len: int, fc: int) -> ModbusPDU:
         if not self.connected:
             raise self._fail(REASON_DISCONNECTED)
         self.exchanges += 1
@@ -154,12 +155,14 @@ class Requester:
             raise self._fail(REASON_GARBLED, str(exc)) from None
         if resp.isError():
             raise self._fail(REASON_EXCEPTION, "exception code %d" % resp.exception_code)
+        if resp.function_code != fc:   # pymodbus takes any good frame: this one answers another request
+            raise self._fail(REASON_GARBLED, "function code %d for %d" % (resp.function_code, fc))
         return resp
 
     async def read_input(self, unit: int, address: int, count: int, timeout_s: float) -> list[int]:
         resp = await self._call(
             lambda: self.client.read_input_registers(address, count=count, device_id=unit),
-            timeout_s, read_reply_bytes(count))
+            timeout_s, read_reply_bytes(count), 4)
         regs = list(resp.registers)
         if len(regs) != count:
             raise self._fail(REASON_WRONG_LENGTH, "%d registers for %d" % (len(regs), count))
@@ -167,13 +170,13 @@ class Requester:
 
     async def write_multiple(self, unit: int, address: int, values: Sequence[int], timeout_s: float) -> None:
         resp = await self._call(lambda: self.client.write_registers(address, list(values), device_id=unit),
-                                timeout_s, WRITE_MULTIPLE_REPLY_BYTES)
+                                timeout_s, WRITE_MULTIPLE_REPLY_BYTES, 16)
         if resp.address != address or resp.count != len(values):
             raise self._fail(REASON_WRONG_LENGTH, "echo %d/%d" % (resp.address, resp.count))
 
     async def write_single(self, unit: int, address: int, value: int, timeout_s: float) -> None:
         resp = await self._call(lambda: self.client.write_register(address, value, device_id=unit),
-                                timeout_s, WRITE_SINGLE_BYTES)
+                                timeout_s, WRITE_SINGLE_BYTES, 6)
         if resp.address != address:
             raise self._fail(REASON_WRONG_LENGTH, "echo address %d" % resp.address)
 
@@ -524,14 +527,15 @@ class ModbusRtuBus:
     # -- the loop ------------------------------------------------------------------------
     def _book_jobs(self) -> None:
         now = self._clock()
-        n = max(1, len(self._columns))
+        n = len(self._columns)
         for i, col in enumerate(self._columns.values()):
             cid = col.cfg.column_id
             period = col.cfg.poll_period_s
-            self.schedule.add(("poll", cid), period, self._poll_cost, now=now, phase_s=period * i / n)
+            self.schedule.add(("poll", cid), period, self._poll_cost, now=now, phase_s=spread_s(i, n, period))
             hb = self.config.heartbeat_period_s
             if hb:
-                self.schedule.add(("heartbeat", cid), hb, self._hb_cost, now=now, phase_s=hb * (i + 0.5) / n)
+                self.schedule.add(("heartbeat", cid), hb, self._hb_cost, now=now,
+                                  phase_s=spread_s(i, n, hb, 0.5))
 
     async def _run(self) -> None:
         while True:

@@ -1,12 +1,18 @@
-"""Modbus TCP to columns that have their own IP address: one pymodbus client per column.
+"""Modbus TCP to columns that have their own IP address: one connection per column.
 
 Each column gets its own task: connect (reconnect with jittered exponential backoff),
 poll the input registers every `poll_period_s`, send heartbeats, and write limits the
 moment :meth:`ModbusTcpColumns.set_limits` asks (ahead of the next poll; the columns'
-writes run concurrently, each confirmed by its echo). Timeouts, retries, failure classes
-and online/offline tracking are the same as on the RTU bus (shared code in
-:mod:`gateway.south.modbus_bus`); a column that stops answering on an open connection
-is disconnected when it goes offline, so a half-open TCP connection is replaced.
+writes run concurrently, each confirmed by its echo). The columns' polls are spread over
+the period (column i of n at i/n of it, in groups of `poll_slot_s` so that the event loop
+wakes once per group; heartbeats in between), so a site of thousands of columns is polled
+at an even rate instead of in one burst a second.
+Timeouts, retries, failure classes and online/offline tracking are the same as on the RTU
+bus (shared code in :mod:`gateway.south.modbus_bus`); a column that stops answering on an
+open connection is disconnected when it goes offline, so a half-open TCP connection is
+replaced. The requests go through the lean client of
+:mod:`gateway.south.modbus_tcp_client` (what a poll costs decides how many columns one
+gateway carries), not pymodbus.
 """
 
 from __future__ import annotations
@@ -14,26 +20,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pymodbus.client import AsyncModbusTcpClient
-
 from firmware import regmap
 from gateway.south.modbus_bus import (
     Backoff,
     EventSink,
     ExchangeError,
-    Requester,
     SouthStats,
     UrgentJob,
     plan_limits,
     wall_ms,
 )
-from gateway.south.schedule import PollSchedule
+from gateway.south.modbus_tcp_client import TcpRequester
+from gateway.south.schedule import PollSchedule, spread_s
 from gateway.south.types import (
     REASON_DISCONNECTED,
     REASON_GARBLED,
@@ -70,23 +75,46 @@ class TcpConfig:
     reconnect_base_s: float = 0.5
     reconnect_max_s: float = 30.0
     event_queue_size: int = 1000
+    poll_slot_s: float = 0.02     # the polls are spread over the period in groups of this slot
+    max_connecting: int = 200     # connection attempts at a time (a site's start dials every column)
 
 
 class _Channel:
     """One column's connection, schedule and link state."""
 
-    def __init__(self, cfg: TcpColumn, config: TcpConfig) -> None:
+    def __init__(self, cfg: TcpColumn, config: TcpConfig, rng: random.Random) -> None:
         self.cfg = cfg
         self.tracker = LinkTracker(cfg.column_id, config.offline_after)
-        self.requester = Requester(lambda trace: AsyncModbusTcpClient(
-            cfg.host, port=cfg.port, timeout=max(config.connect_timeout_s, cfg.timeout_s + 0.5),
-            retries=0, reconnect_delay=0, trace_packet=trace), rtu=False)
+        self.requester = TcpRequester(cfg.host, cfg.port)
         self.schedule: PollSchedule[str, UrgentJob] = PollSchedule(budget=1.0)
-        self.backoff = Backoff(config.reconnect_base_s, config.reconnect_max_s)
-        self.wake = asyncio.Event()
+        self.backoff = Backoff(config.reconnect_base_s, config.reconnect_max_s, rng)
+        self.waiter: asyncio.Future[None] | None = None   # the task's nap, cut short by wake()
         self.task: asyncio.Task[None] | None = None
         self.heartbeat_seq = 0
         self.connects = 0
+
+    def wake(self) -> None:
+        """Urgent work was queued: end the nap now."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def nap(self, seconds: float) -> None:
+        """Sleep until the next job is due or wake() is called (a bare future and one timer:
+        asyncio.wait_for on an Event costs a task per call, and this runs once per poll)."""
+        loop = asyncio.get_running_loop()
+        self.waiter = waiter = loop.create_future()
+        timer = loop.call_later(seconds, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class ModbusTcpColumns:
@@ -100,22 +128,28 @@ class ModbusTcpColumns:
         self.stats = SouthStats()
         self.sink = EventSink(self.stats, self.config.event_queue_size)
         self.events = self.sink.queue
+        # Thousands of simultaneous connects (a large site starting) all miss their timeout
+        # and back off together; a few hundred at a time each take milliseconds.
+        self._connecting = asyncio.Semaphore(self.config.max_connecting)
         self._channels: dict[str, _Channel] = {}
+        rng = random.Random()   # one for every column's reconnect jitter (each would take 2.5 KB)
         for col in columns:
             if col.column_id in self._channels:
                 raise ValueError("duplicate column " + col.column_id)
-            self._channels[col.column_id] = _Channel(col, self.config)
+            self._channels[col.column_id] = _Channel(col, self.config, rng)
 
     # -- lifetime ------------------------------------------------------------------------
     async def start(self) -> None:
         now = self._clock()
-        for ch in self._channels.values():
+        n = len(self._channels)
+        hb = self.config.heartbeat_period_s
+        for i, ch in enumerate(self._channels.values()):
             if ch.task is not None:
                 continue
-            ch.schedule.add("poll", ch.cfg.poll_period_s, 0.0, now=now)
-            if self.config.heartbeat_period_s:
-                ch.schedule.add("heartbeat", self.config.heartbeat_period_s, 0.0, now=now,
-                                phase_s=self.config.heartbeat_period_s / 2)
+            period, slot = ch.cfg.poll_period_s, self.config.poll_slot_s
+            ch.schedule.add("poll", period, 0.0, now=now, phase_s=spread_s(i, n, period, slot_s=slot))
+            if hb:
+                ch.schedule.add("heartbeat", hb, 0.0, now=now, phase_s=spread_s(i, n, hb, 0.5, slot))
             ch.task = asyncio.create_task(self._run(ch), name="modbus-tcp:" + ch.cfg.column_id)
 
     async def stop(self) -> None:
@@ -183,7 +217,7 @@ class ModbusTcpColumns:
             raise ExchangeError(REASON_DISCONNECTED)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         ch.schedule.push_urgent(UrgentJob(run, fut))
-        ch.wake.set()
+        ch.wake()
         return await fut
 
     def _fail_urgent(self, ch: _Channel, reason: str) -> None:
@@ -193,14 +227,18 @@ class ModbusTcpColumns:
 
     # -- one column's loop ---------------------------------------------------------------
     async def _run(self, ch: _Channel) -> None:
+        first = True
         while True:
             if not ch.requester.connected and not await self._connect(ch):
                 continue
-            ch.wake.clear()
             try:
                 job = ch.schedule.take_urgent()
                 if job is not None:
                     await job.execute()
+                    continue
+                if first:   # read at once after the first connect, then in the column's slot
+                    first = False
+                    await self._poll(ch)
                     continue
                 due = ch.schedule.take(self._clock())
                 if due is not None:
@@ -213,13 +251,13 @@ class ModbusTcpColumns:
                 log.exception("modbus tcp column %s: job failed", ch.cfg.column_id)
                 continue
             wait = ch.schedule.wait_s(self._clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ch.wake.wait(), timeout=wait if wait is not None else 1.0)
+            await ch.nap(wait if wait is not None else 1.0)
 
     async def _connect(self, ch: _Channel) -> bool:
         ok = False
-        with contextlib.suppress(TimeoutError):
-            ok = await asyncio.wait_for(ch.requester.connect(), timeout=self.config.connect_timeout_s)
+        async with self._connecting:
+            with contextlib.suppress(TimeoutError):
+                ok = await asyncio.wait_for(ch.requester.connect(), timeout=self.config.connect_timeout_s)
         if ok:
             ch.backoff.reset()
             ch.connects += 1
@@ -254,8 +292,9 @@ class ModbusTcpColumns:
             self.stats.poll_failures += 1
             self._note_failure(ch, exc)
             return
-        self._note_ok(ch)
-        self.sink.emit(decode_inputs(ch.cfg.column_id, regs, self._now_ms()))
+        now_ms = self._now_ms()
+        self._note_ok(ch, now_ms)
+        self.sink.emit(decode_inputs(ch.cfg.column_id, regs, now_ms))
 
     async def _heartbeat(self, ch: _Channel) -> None:
         if not ch.tracker.link.online:
@@ -271,8 +310,8 @@ class ModbusTcpColumns:
             return
         self._note_ok(ch)
 
-    def _note_ok(self, ch: _Channel) -> None:
-        changed = ch.tracker.ok(self._now_ms())
+    def _note_ok(self, ch: _Channel, now_ms: int | None = None) -> None:
+        changed = ch.tracker.ok(self._now_ms() if now_ms is None else now_ms)
         if changed is not None:
             ch.schedule.update("poll", period_s=ch.cfg.poll_period_s, now=self._clock())
             log.info("column %s online", ch.cfg.column_id)

@@ -16,10 +16,11 @@ before any periodic job at the next exchange boundary.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 BITS_PER_CHAR = 11
 FAST_BAUD = 19200          # above this the gaps are fixed times
@@ -69,6 +70,22 @@ class LineTiming:
         return self.frame_s(request_bytes) + turnaround_s
 
 
+def spread_s(index: int, count: int, period_s: float, offset: float = 0.0, slot_s: float = 0.0) -> float:
+    """Phase of the `index`-th of `count` jobs with the same period, so that their runs are
+    spread evenly over the period instead of all falling due at once (`offset` in parts of
+    the spacing, e.g. 0.5 puts heartbeats between the polls).
+
+    With `slot_s`, the phases are rounded down to slots of that length: jobs run by many tasks
+    on one event loop (a Modbus TCP column each) then fall due in groups, and the loop wakes
+    once per slot for a group instead of once per job. On a busy machine each wake-up finds
+    the caches cold: a thousand separate wake-ups a second cost as much CPU as the polls."""
+    fraction = (index + offset) / max(1, count)
+    if slot_s > 0:
+        slots = max(1, round(period_s / slot_s))
+        return period_s * math.floor(fraction * slots) / slots
+    return period_s * fraction
+
+
 K = TypeVar("K", bound=Hashable)
 U = TypeVar("U")
 
@@ -82,8 +99,9 @@ class _Job(Generic[K]):
     runs: int = 0
 
 
-@dataclass(frozen=True)
-class Due(Generic[K]):
+class Due(NamedTuple, Generic[K]):
+    """A periodic job handed out by take() (a tuple: one is made for every poll)."""
+
     key: K
     due: float        # when it was due
     late_s: float     # how late it is being taken
@@ -102,8 +120,11 @@ class PollSchedule(Generic[K, U]):
         self.budget = budget
         self.window_s = window_s
         self._jobs: dict[K, _Job[K]] = {}
-        self._urgent: deque[U] = deque()
-        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of recorded bus use
+        self._demand: float | None = None   # cached sum of cost/period, None when stale
+        # A list and a lazily made deque: one schedule per Modbus TCP column, where these stay
+        # empty or nearly so, and an empty deque alone takes 600 bytes.
+        self._urgent: list[U] = []
+        self._busy: deque[tuple[float, float]] | None = None  # (start, end) of recorded bus use
         self.busy_total_s = 0.0
         self.urgent_taken = 0
         self.skipped_cycles = 0  # periodic runs dropped because a job fell a whole period behind
@@ -113,20 +134,23 @@ class PollSchedule(Generic[K, U]):
         if period_s <= 0 or cost_s < 0:
             raise ValueError("period must be > 0 and cost >= 0")
         self._jobs[key] = _Job(key, period_s, cost_s, now + phase_s)
+        self._demand = None
 
     def update(self, key: K, *, period_s: float | None = None, cost_s: float | None = None,
                now: float | None = None) -> None:
         """Change a job's period or cost; with `now`, a shorter period takes effect at once."""
         job = self._jobs[key]
-        if period_s is not None:
-            job.period_s = period_s
-            if now is not None:
-                job.due = min(job.due, now + period_s * self.stretch())
         if cost_s is not None:
             job.cost_s = cost_s
+        if period_s is not None:
+            job.period_s = period_s
+        self._demand = None
+        if period_s is not None and now is not None:
+            job.due = min(job.due, now + period_s * self.stretch())
 
     def remove(self, key: K) -> None:
         self._jobs.pop(key, None)
+        self._demand = None
 
     def __contains__(self, key: object) -> bool:
         return key in self._jobs
@@ -137,7 +161,9 @@ class PollSchedule(Generic[K, U]):
     # -- the bus budget --------------------------------------------------------------------
     def demand(self) -> float:
         """Fraction of the bus the jobs ask for at their configured periods."""
-        return sum(j.cost_s / j.period_s for j in self._jobs.values())
+        if self._demand is None:   # asked at every take(): summed only when a job changed
+            self._demand = sum(j.cost_s / j.period_s for j in self._jobs.values())
+        return self._demand
 
     def stretch(self) -> float:
         """Factor applied to every period so the jobs fit in the budget (1.0 = none)."""
@@ -162,20 +188,31 @@ class PollSchedule(Generic[K, U]):
         if not self._urgent:
             return None
         self.urgent_taken += 1
-        return self._urgent.popleft()
+        return self._urgent.pop(0)
+
+    def _next(self) -> _Job[K] | None:
+        first = None
+        for job in self._jobs.values():
+            if first is None or job.due < first.due:
+                first = job
+        return first
 
     def take(self, now: float) -> Due[K] | None:
         """The most overdue periodic job, if any is due; its next run is booked."""
-        job = min(self._jobs.values(), key=lambda j: j.due, default=None)
+        job = self._next()
         if job is None or job.due > now:
             return None
         period = job.period_s * self.stretch()
         due = job.due
         job.due += period
         if job.due <= now:
-            # A whole period behind (a long outage, a stalled loop): skip, do not burst.
+            # A whole period behind (a long outage, a stalled loop, a slow start): skip the
+            # missed runs, do not burst. The next run stays in the job's slot of the period, so
+            # jobs spread over the period (spread_s) do not all fall into step after a stall.
             self.skipped_cycles += 1
-            job.due = now + period
+            job.due += period * math.floor((now - job.due) / period + 1.0)
+            while job.due <= now:   # rounding
+                job.due += period
         job.runs += 1
         return Due(job.key, due, now - due)
 
@@ -183,7 +220,7 @@ class PollSchedule(Generic[K, U]):
         """Seconds until the next job is due: 0 with urgent work, None with no jobs."""
         if self._urgent:
             return 0.0
-        job = min(self._jobs.values(), key=lambda j: j.due, default=None)
+        job = self._next()
         return None if job is None else max(0.0, job.due - now)
 
     def runs(self, key: K) -> int:
@@ -195,6 +232,8 @@ class PollSchedule(Generic[K, U]):
         if end <= start:
             return
         self.busy_total_s += end - start
+        if self._busy is None:
+            self._busy = deque()
         self._busy.append((start, end))
         self._trim(end)
 
@@ -212,5 +251,6 @@ class PollSchedule(Generic[K, U]):
 
     def _trim(self, now: float) -> None:
         lo = now - self.window_s
-        while self._busy and self._busy[0][1] <= lo:
-            self._busy.popleft()
+        busy = self._busy
+        while busy and busy[0][1] <= lo:
+            busy.popleft()

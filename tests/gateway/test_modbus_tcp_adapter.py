@@ -4,15 +4,18 @@ own loopback port, polled, written to, dropped off the network and reconnected."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 
 import pytest
 from south_columns import FirmwareColumn, TcpColumnServer
 
 from firmware import regmap
 from gateway.south.modbus_tcp import ModbusTcpColumns, TcpColumn, TcpConfig
+from gateway.south.modbus_tcp_client import TcpRequester
 from gateway.south.types import ColumnEvent, ColumnLink, ColumnReading, LimitCommand
 from hil.rig.ports import free_port
 
@@ -186,3 +189,83 @@ def test_a_connection_that_goes_quiet_is_dropped_and_redialled() -> None:
                 assert tcp.column_failures("q")["timeout"] >= 2
 
         asyncio.run(main())
+
+
+def image_server(arrivals: dict[int, list[float]]) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                                 Awaitable[None]]:
+    """A Modbus TCP server answering every FC04 poll, any unit, with an all-zero image; it
+    records when each unit's polls arrive."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                frame = await reader.readexactly(12)
+                unit = frame[6]
+                arrivals.setdefault(unit, []).append(time.monotonic())
+                pdu = bytes((4, 2 * regmap.POLL_COUNT)) + bytes(2 * regmap.POLL_COUNT)
+                writer.write(frame[0:4] + (len(pdu) + 1).to_bytes(2, "big") + bytes((unit,)) + pdu)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+    return serve
+
+
+def test_the_columns_polls_are_spread_over_the_period() -> None:
+    """Ten columns polled every 0.5 s: after the first poll at connect, each column keeps its own
+    slot in the period, so the requests arrive evenly, not in a burst of ten every period."""
+    period, n = 0.5, 10
+    arrivals: dict[int, list[float]] = {}
+
+    async def main() -> None:
+        server = await asyncio.start_server(image_server(arrivals), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        columns = [TcpColumn("s%d" % u, "127.0.0.1", port, unit=u, poll_period_s=period)
+                   for u in range(1, n + 1)]
+        async with ModbusTcpColumns(columns, FAST):
+            await asyncio.sleep(4 * period)
+        await asyncio.sleep(0.1)   # the server's handlers see the connections end
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert sorted(arrivals) == list(range(1, n + 1))
+    # Each column's polls after the first, as phases in the period (t0: the earliest of them).
+    later = [t for times in arrivals.values() for t in times[1:]]
+    assert len(later) >= 2 * n
+    t0 = min(later)
+    phases = sorted({round(((t - t0) % period) / period, 2) for t in later})
+    gaps = [b - a for a, b in itertools.pairwise(phases)] + [1 + phases[0] - phases[-1]]
+    assert max(gaps) < 0.4, phases   # in step, they would leave one gap of almost the whole period
+
+
+def test_a_large_site_dials_its_columns_a_few_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every column of a site dials at start; thousands of connects at once all miss their
+    timeout, so at most `max_connecting` attempts are under way at a time."""
+    active, peak = 0, 0
+    real_connect = TcpRequester.connect
+
+    async def counted(self: TcpRequester) -> bool:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await asyncio.sleep(0.02)
+            return await real_connect(self)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(TcpRequester, "connect", counted)
+    arrivals: dict[int, list[float]] = {}
+
+    async def main() -> None:
+        server = await asyncio.start_server(image_server(arrivals), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        columns = [TcpColumn("d%d" % u, "127.0.0.1", port, unit=u, poll_period_s=0.2) for u in range(1, 9)]
+        async with ModbusTcpColumns(columns, replace(FAST, max_connecting=3)) as tcp:
+            async with asyncio.timeout(5):
+                while not all(tcp.link(c.column_id).online for c in columns):
+                    await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert peak == 3 and sorted(arrivals) == list(range(1, 9))

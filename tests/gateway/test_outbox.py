@@ -216,3 +216,30 @@ def test_every_seq_is_delivered_queued_or_counted(tmp_path_factory: pytest.TempP
             assert len(acked) + len(queued) + dropped == ob.next_seq - 1
             if ob.stats().dropped["event"] + ob.stats().dropped["ack"] > important_before:
                 assert not kinds_before & {MessageKind.TELEMETRY, MessageKind.STATUS}
+
+
+def test_a_batch_is_queued_exactly_as_its_messages_one_by_one(tmp_path: Path) -> None:
+    batch = [Outgoing("t/%d" % n, {"n": n, "v": [1.5, None], "s": "Zürich"} if n else {}, T if n % 2 else E,
+                      retain=n == 3, correlation=b"c" if n == 4 else None) for n in range(6)]
+    with Outbox(tmp_path / "a.db", clock_ms=lambda: 7) as a, \
+            Outbox(tmp_path / "b.db", clock_ms=lambda: 7) as b:
+        assert a.enqueue_many(batch) == [1, 2, 3, 4, 5, 6]
+        for msg in batch:
+            b.enqueue_many([msg])
+        assert a.peek(0, 100) == b.peek(0, 100)
+        assert (a.next_seq, len(a), a.bytes_used) == (b.next_seq, len(b), b.bytes_used)
+        assert (a.next_seq, len(a)) == (7, 6)
+        assert a.peek(0, 1)[0].payload == b'{"seq":1}'
+        assert a.peek(0, 2)[1].payload == '{"n":1,"v":[1.5,null],"s":"Zürich","seq":2}'.encode()
+
+
+def test_a_batch_that_does_not_fit_goes_by_the_drop_policy(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_rows=4) as ob:
+        kinds = [E, T, T, T, T, E]
+        seqs = ob.enqueue_many([Outgoing("t", {"k": k}, kind) for k, kind in enumerate(kinds)])
+        assert seqs == [1, 2, 3, 4, 5, 6]
+        assert _seqs(ob) == [1, 4, 5, 6]           # the two oldest telemetry made room
+        report = ob.drop_report()
+        assert report is not None
+        assert (report.counts, report.first_seq, report.last_seq) == ({"telemetry": 2}, 2, 3)
+        assert ob.enqueue_many([Outgoing("t", {"k": 9}, T)]) == [7]   # the counter went on

@@ -11,6 +11,7 @@ from gateway.south.schedule import (
     LineTiming,
     PollSchedule,
     read_reply_bytes,
+    spread_s,
     write_multiple_request_bytes,
 )
 
@@ -188,3 +189,26 @@ def test_bad_parameters_are_refused() -> None:
     sched: PollSchedule[str, str] = PollSchedule()
     with pytest.raises(ValueError):
         sched.add("a", 0.0, 0.01, now=0.0)
+
+
+def test_a_job_that_falls_behind_keeps_its_slot_in_the_period() -> None:
+    sched: PollSchedule[str, str] = PollSchedule()
+    sched.add("a", 1.0, 0.0, now=0.0, phase_s=spread_s(3, 10, 1.0))   # the 4th of 10: at 0.3 s
+    due = sched.take(0.3)
+    assert due is not None and due.due == pytest.approx(0.3)
+    # Stalled until 10.75: one run now; the next back in its slot at 11.3, not at 11.75.
+    assert sched.take(10.75) is not None and sched.skipped_cycles == 1
+    assert sched.wait_s(10.75) == pytest.approx(0.55)
+
+
+def test_spread_phases_cover_the_period_evenly() -> None:
+    assert [spread_s(i, 4, 2.0) for i in range(4)] == [0.0, 0.5, 1.0, 1.5]
+    assert [spread_s(i, 4, 10.0, 0.5) for i in range(4)] == [1.25, 3.75, 6.25, 8.75]
+    assert spread_s(0, 0, 1.0) == 0.0
+
+
+def test_spread_phases_in_slots_group_the_jobs() -> None:
+    phases = [spread_s(i, 1000, 1.0, slot_s=0.02) for i in range(1000)]
+    assert len(set(phases)) == 50 and phases.count(0.0) == 20       # 50 slots of 20 jobs
+    assert all(p == pytest.approx(round(p / 0.02) * 0.02) for p in phases) and max(phases) < 1.0
+    assert [spread_s(i, 4, 1.0, slot_s=0.02) for i in range(4)] == [0.0, 0.24, 0.5, 0.74]   # rounded down

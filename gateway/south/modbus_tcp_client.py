@@ -1,0 +1,210 @@
+"""A lean Modbus TCP client for the columns: one connection, one request at a time.
+
+Why not pymodbus here: a site polls thousands of columns every second, and pymodbus's
+per-request machinery (transaction manager, framer and PDU objects, trace hooks, a timeout
+context per call) cost more CPU per poll than everything else the gateway does for a column
+(bench/columns_per_core.py measures it). A column needs three requests: FC04 (the poll),
+FC06 (the heartbeat) and FC16 (limits); this module builds their MBAP frames with one
+struct each (the poll's frame is built once per connection, only the transaction id
+changes) and parses the replies in the protocol's `data_received`. The RTU bus and the site
+meter keep pymodbus.
+
+:class:`TcpRequester` has the interface of :class:`gateway.south.modbus_bus.Requester` and
+fails a request with the same :class:`ExchangeError` classes: ``disconnected`` (no
+connection, refused, reset), ``timeout`` (nothing came back), ``garbled`` (bytes came back
+but no frame for this request, or an invalid MBAP header: then the connection is dropped,
+the stream cannot be resynchronised), ``exception`` (a Modbus exception reply) and
+``wrong_length`` (a well-formed reply of the wrong size or echo). A reply that arrives after
+its request timed out carries the old transaction id and is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import Sequence
+
+from firmware.modbus import MBAP_LEN, TCP_MAX
+from gateway.south.modbus_bus import ExchangeError
+from gateway.south.types import (
+    REASON_DISCONNECTED,
+    REASON_EXCEPTION,
+    REASON_GARBLED,
+    REASON_TIMEOUT,
+    REASON_WRONG_LENGTH,
+)
+
+log = logging.getLogger(__name__)
+
+FC_READ_INPUT = 4
+FC_WRITE_SINGLE = 6
+FC_WRITE_MULTIPLE = 16
+_HEADER = struct.Struct(">HHHB")          # transaction id, protocol 0, length, unit
+_READ = struct.Struct(">BHH")              # fc, start, count (FC06: fc, address, value)
+_ECHO = struct.Struct(">HH")               # FC06 (address, value) / FC16 (start, count) echo
+_MAX_LENGTH = TCP_MAX - 6                  # MBAP length field: unit + PDU
+
+
+class _Link(asyncio.Protocol):
+    """The connection: frames in, the pending request's future settled."""
+
+    __slots__ = ("buf", "fc", "future", "rx", "tid", "transport", "unit")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.tid = 0                      # transaction id of the pending request
+        self.fc = 0
+        self.unit = 0
+        self.future: asyncio.Future[bytes] | None = None
+        self.rx = False                   # bytes of a frame for the pending request came back
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._settle_error(ExchangeError(REASON_DISCONNECTED, str(exc) if exc else "connection closed"))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        while len(buf) >= MBAP_LEN:
+            tid, proto, length, unit = _HEADER.unpack_from(buf)
+            if proto != 0 or length < 2 or length > _MAX_LENGTH:
+                self.buf = b""
+                self._settle_error(ExchangeError(REASON_GARBLED, "invalid MBAP header"))
+                if self.transport is not None:
+                    self.transport.abort()   # no way to find the next frame in a TCP stream
+                return
+            end = 6 + length
+            if len(buf) < end:
+                break
+            if self.future is not None and tid == self.tid:
+                self.rx = True
+                if unit != self.unit:
+                    self._settle_error(ExchangeError(REASON_GARBLED, "reply from unit %d" % unit))
+                else:
+                    pdu = buf[MBAP_LEN:end]
+                    fc = pdu[0]
+                    if fc == self.fc | 0x80:
+                        code = pdu[1] if len(pdu) > 1 else 0
+                        self._settle_error(ExchangeError(REASON_EXCEPTION, "exception code %d" % code))
+                    elif fc != self.fc:
+                        self._settle_error(ExchangeError(REASON_GARBLED, "reply with function %d" % fc))
+                    else:
+                        fut, self.future = self.future, None
+                        if not fut.done():
+                            fut.set_result(pdu)
+            buf = buf[end:]
+        if buf:
+            if self.future is not None:
+                self.rx = True
+            self.buf = buf
+        else:
+            self.buf = b""
+
+    def _settle_error(self, exc: ExchangeError) -> None:
+        fut, self.future = self.future, None
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+
+class TcpRequester:
+    """One column's connection. `await connect()`, then read_input / write_single /
+    write_multiple, one at a time (the column's task serialises them)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._link: _Link | None = None
+        self._tid = 0
+        self._reads: dict[tuple[int, int], bytes] = {}   # (address, count) -> the request's PDU
+        self.exchanges = 0
+        self.failures: dict[str, int] = {}
+
+    @property
+    def connected(self) -> bool:
+        link = self._link
+        return link is not None and link.transport is not None
+
+    async def connect(self) -> bool:
+        self.close()
+        loop = asyncio.get_running_loop()
+        try:
+            _transport, link = await loop.create_connection(_Link, self.host, self.port)
+        except OSError as exc:
+            log.debug("connect to %s:%d failed: %s", self.host, self.port, exc)
+            return False
+        self._link = link
+        return True
+
+    def close(self) -> None:
+        link, self._link = self._link, None
+        if link is not None and link.transport is not None:
+            with contextlib.suppress(Exception):
+                link.transport.abort()
+            link.connection_lost(None)
+
+    def _fail(self, reason: str, detail: str = "") -> ExchangeError:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        return ExchangeError(reason, detail)
+
+    async def _exchange(self, unit: int, fc: int, frame_tail: bytes, timeout_s: float) -> bytes:
+        """Send one request (MBAP header + `frame_tail` = fc and the rest) and return the
+        reply's PDU; raises ExchangeError."""
+        link = self._link
+        if link is None or link.transport is None:
+            raise self._fail(REASON_DISCONNECTED)
+        self.exchanges += 1
+        self._tid = tid = (self._tid + 1) & 0xFFFF
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        link.tid, link.fc, link.unit, link.future, link.rx = tid, fc, unit, fut, False
+        link.transport.write(_HEADER.pack(tid, 0, len(frame_tail) + 1, unit) + frame_tail)
+        timer = loop.call_later(timeout_s, _expire, fut)
+        try:
+            return await fut
+        except _Expired:
+            link.future = None
+            raise self._fail(REASON_GARBLED if link.rx else REASON_TIMEOUT) from None
+        except ExchangeError as exc:
+            raise self._fail(exc.reason, exc.detail) from None
+        finally:
+            timer.cancel()
+
+    async def read_input(self, unit: int, address: int, count: int, timeout_s: float) -> tuple[int, ...]:
+        """FC04: `count` input registers from `address`."""
+        request = self._reads.get((address, count))
+        if request is None:   # the poll asks the same every time: built once
+            request = self._reads[(address, count)] = _READ.pack(FC_READ_INPUT, address, count)
+        pdu = await self._exchange(unit, FC_READ_INPUT, request, timeout_s)
+        if len(pdu) < 2 or pdu[1] != 2 * count or len(pdu) != 2 + 2 * count:
+            raise self._fail(REASON_WRONG_LENGTH, "%d bytes for %d registers" % (len(pdu) - 2, count))
+        return struct.unpack_from(">%dH" % count, pdu, 2)
+
+    async def write_single(self, unit: int, address: int, value: int, timeout_s: float) -> None:
+        """FC06, confirmed by its echo."""
+        request = _READ.pack(FC_WRITE_SINGLE, address, value)   # same shape as a read request
+        pdu = await self._exchange(unit, FC_WRITE_SINGLE, request, timeout_s)
+        if len(pdu) != 5 or _ECHO.unpack_from(pdu, 1)[0] != address:
+            raise self._fail(REASON_WRONG_LENGTH, "echo %s" % pdu[1:].hex())
+
+    async def write_multiple(self, unit: int, address: int, values: Sequence[int], timeout_s: float) -> None:
+        """FC16, confirmed by its echo of start and count."""
+        n = len(values)
+        body = struct.pack(">BHHB%dH" % n, FC_WRITE_MULTIPLE, address, n, 2 * n, *values)
+        pdu = await self._exchange(unit, FC_WRITE_MULTIPLE, body, timeout_s)
+        if len(pdu) != 5 or _ECHO.unpack_from(pdu, 1) != (address, n):
+            raise self._fail(REASON_WRONG_LENGTH, "echo %s" % pdu[1:].hex())
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expire(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())

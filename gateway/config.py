@@ -126,6 +126,9 @@ def load_config(path: str | Path, *, load_secrets: bool = True) -> GatewayConfig
         raise ConfigError([str(path) + ": cannot read: " + (exc.strerror or str(exc))]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([str(path) + ": not valid TOML: " + str(exc)]) from None
+    except UnicodeDecodeError as exc:   # TOML is UTF-8; tomllib lets the decode error through
+        raise ConfigError([str(path) + ": not valid TOML: not UTF-8 text (byte " + str(exc.start) + ")"]) \
+            from None
     check = check_config(doc, base_dir=path.resolve().parent, load_secrets=load_secrets)
     if check.config is None:
         raise ConfigError(list(check.errors))

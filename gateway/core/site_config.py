@@ -250,6 +250,9 @@ def load_site_file(path: str | Path) -> Site:
         raise SiteConfigError([ConfigIssue(str(path), "cannot read: " + reason)]) from None
     except tomllib.TOMLDecodeError as exc:
         raise SiteConfigError([ConfigIssue(str(path), "not valid TOML: " + str(exc))]) from None
+    except UnicodeDecodeError as exc:   # TOML is UTF-8; tomllib lets the decode error through
+        raise SiteConfigError([ConfigIssue(str(path), "not valid TOML: not UTF-8 text (byte "
+                                           + str(exc.start) + ")")]) from None
     return parse_site(doc)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,7 +138,8 @@ def is_number(value: Any) -> bool:
 def _number(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
     if not is_number(value):
         raise PayloadError(Reason.BAD_TYPE, f"{name} must be a number")
-    if not math.isfinite(value):
+    # (an int beyond a double's range would overflow math.isfinite: it is not finite as a double)
+    if not (math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max):
         raise PayloadError(Reason.NOT_FINITE, f"{name} must be finite")
     if lo is not None and value < lo:
         raise PayloadError(Reason.OUT_OF_RANGE, f"{name} must be >= {lo}")

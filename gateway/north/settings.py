@@ -106,7 +106,12 @@ class _Table:
             return None
         path = Path(value)
         path = path if path.is_absolute() else self.base_dir / path
-        if must_exist and not path.is_file():
+        try:
+            missing = must_exist and not path.is_file()
+        except OSError as exc:   # a name too long for the file system, a folder we may not read
+            problem = exc.strerror or str(exc)
+            raise SettingsError(self.key(name), f"cannot check {str(path)[:200]}: {problem}") from None
+        if missing:
             raise SettingsError(self.key(name), f"file not found: {path}")
         return path
 

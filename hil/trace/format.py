@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -522,8 +523,13 @@ class TraceReader:
 
 
 def utc_text(ms: int) -> str:
-    """A UTC time in ms as ISO 8601 text with milliseconds and a Z."""
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """A UTC time in ms as ISO 8601 text with milliseconds and a Z; a time datetime cannot
+    show (outside the years 1..9999: a corrupt or hostile header) as its number."""
+    try:
+        when = datetime.fromtimestamp(ms / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return "%d ms since 1970 (out of range)" % ms
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _MAX_DISTINCT = 20  # text values counted per channel/field before giving up (session ids...)
@@ -552,7 +558,8 @@ class _Stats:
         if isinstance(value, bool):
             value = str(value).lower()
         if isinstance(value, (int, float)):
-            if math.isfinite(value):
+            # (math.isfinite overflows on an int too large for a float: such a value is skipped)
+            if math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max:
                 self.min = value if self.min is None else min(self.min, value)
                 self.max = value if self.max is None else max(self.max, value)
         elif isinstance(value, list):

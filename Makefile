@@ -13,6 +13,9 @@ help:
 	@echo "make test      lint, firmware build check and the whole test suite"
 	@echo "make firmware  compile the firmware with mpy-cross into build/firmware/"
 	@echo "make hil       replay the in-repo HIL scenario suite on the sim target (report in build/hil)"
+	@echo "make bench     benchmarks against in-run baselines (build/bench/results.md)"
+	@echo "make soak      fault soak: 20+ columns, broker restarts, gateway kills, bus noise (~10 min)"
+	@echo "make fuzz      fuzz every input parser, 10^6 inputs per target (FUZZ_INPUTS=N, ARGS=\"--target NAME\")"
 	@echo "make setup     only create .venv and check mosquitto"
 
 setup: $(STAMP) mosquitto-check
@@ -45,6 +48,12 @@ hil: setup
 
 bench: setup
 	$(PY) -m bench
+
+soak: setup
+	$(PY) -m hil soak --report build/soak $(ARGS)
+
+fuzz: setup
+	$(PY) -m fuzz $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     from hil import cli_column
 
     cli_column.add_parser(sub)
+    from hil import soak
+
+    soak.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -59,6 +59,11 @@ class CarPort:
         self.ev = None
         self.profile = ""
 
+    def reset_board(self) -> None:
+        """The column's firmware restarted: its board has forgotten the car's inputs, so the
+        next step sends them all again."""
+        self._sent.clear()
+
     # -- the loop --------------------------------------------------------------------------
     def step(self, now_ms: int) -> dict[str, Any]:
         out = self.vcol.outputs()

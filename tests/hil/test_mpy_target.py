@@ -136,8 +136,14 @@ def run_session(target: RealtimeColumns, cid: str) -> None:
     # new session with when the assignment came later (increases wait
     # pwm_min_change_interval_s).
     assert out.offered_a in (8.0, 10.0)
+    # The outputs come from the board's tap at once; the registers from the next poll.
     regs = target.registers(cid)
-    assert regs is not None and 100 <= regs[regmap.IR_ASSIGNED_REMAINING] < 120
+    for _ in range(30):
+        if regs is not None and regs[regmap.IR_ASSIGNED_REMAINING] > 0:
+            break
+        s.step(100)
+        regs = target.registers(cid)
+    assert regs is not None and 100 <= regs[regmap.IR_ASSIGNED_REMAINING] < 120, regs
     stats = target.stats(cid)
     assert stats.reboots == 1 and stats.reasserts == 1
 

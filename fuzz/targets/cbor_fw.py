@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -22,10 +21,9 @@ import cbor2
 from firmware import cbor, messages
 from firmware.frames import SYNC, encode_frame
 from fuzz import mutate
-from fuzz.engine import Harness, Target
 from fuzz.fw import cbor_harness, common
 from fuzz.fw.common import LATER, PERIODIC, QUIET
-from fuzz.targets.modbus_fw import FirmwareHarness
+from fuzz.targets.firmware_target import FirmwareTarget
 
 BOOT_OK = {"status": "Accepted", "heartbeatIntervalS": 20, "currentTimeMs": 1_700_000_000_000}
 KEYS = ("limitA", "validityS", "failsafeA", "key", "value", "keys", "type", "requestedMessage", "status",
@@ -166,22 +164,13 @@ def mutate_segments(rng: random.Random, value: bytes, corpus: Sequence[bytes]) -
     return common.encode(parts[:10])
 
 
-class CborFirmwareTarget(Target[bytes]):
+class CborFirmwareTarget(FirmwareTarget):
     name = "cbor-fw"
     about = "firmware CBOR frame reader, decoder, message validation and column link (also MicroPython)"
-    micropython = True
     fw_module = "cbor_harness"
-
-    def seeds(self) -> list[bytes]:
-        return seed_inputs()
-
-    def mutate(self, rng: random.Random, value: bytes, corpus: Sequence[bytes]) -> bytes:
-        for _ in range(1 + int(rng.random() ** 2 * 3)):
-            value = mutate_segments(rng, value, corpus)
-        return value
-
-    def harness(self, workdir: Path) -> Harness[bytes]:
-        return FirmwareHarness(cbor_harness.Harness(str(workdir)))   # type: ignore[arg-type]
+    seed_inputs = staticmethod(seed_inputs)
+    mutate_segments = staticmethod(mutate_segments)
+    make_side = staticmethod(cbor_harness.Harness)
 
 
 TARGET = CborFirmwareTarget()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
 from pymodbus.framer import FramerRTU
 from pymodbus.pdu import DecodePDU, ModbusPDU
@@ -26,9 +25,9 @@ from pymodbus.pdu.register_message import (
 
 from firmware import regmap
 from fuzz import mutate
-from fuzz.engine import Finding, Harness, Target
 from fuzz.fw import common, modbus_harness
 from fuzz.fw.common import LATER, PERIODIC, QUIET
+from fuzz.targets.firmware_target import FirmwareTarget
 from gateway.south.modbus_bus import plan_limits
 from gateway.south.types import LimitCommand
 
@@ -155,36 +154,13 @@ def mutate_segments(rng: random.Random, value: bytes, corpus: Sequence[bytes]) -
     return common.encode(parts[:64])
 
 
-class FirmwareHarness(Harness[bytes]):
-    """A MicroPython-compatible firmware harness run in process; its Finding becomes ours."""
-
-    def __init__(self, inner: modbus_harness.Harness) -> None:
-        self.inner = inner
-
-    def run(self, value: bytes) -> str | None:
-        try:
-            label: str | None = self.inner.run(value)
-        except common.Finding as exc:
-            raise Finding(str(exc)) from None
-        return label
-
-
-class ModbusFirmwareTarget(Target[bytes]):
+class ModbusFirmwareTarget(FirmwareTarget):
     name = "modbus-fw"
     about = "firmware Modbus RTU framer + slave + register image (also under MicroPython)"
-    micropython = True
     fw_module = "modbus_harness"
-
-    def seeds(self) -> list[bytes]:
-        return seed_inputs()
-
-    def mutate(self, rng: random.Random, value: bytes, corpus: Sequence[bytes]) -> bytes:
-        for _ in range(1 + int(rng.random() ** 2 * 3)):
-            value = mutate_segments(rng, value, corpus)
-        return value
-
-    def harness(self, workdir: Path) -> Harness[bytes]:
-        return FirmwareHarness(modbus_harness.Harness(str(workdir)))
+    seed_inputs = staticmethod(seed_inputs)
+    mutate_segments = staticmethod(mutate_segments)
+    make_side = staticmethod(modbus_harness.Harness)
 
 
 TARGET = ModbusFirmwareTarget()

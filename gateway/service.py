@@ -108,6 +108,8 @@ _BOOK_REASONS = {R_NOT_FINITE: Reason.NOT_FINITE, R_NEGATIVE: Reason.OUT_OF_RANG
 _FAILSAFE_TOLERANCE_A = 0.05
 _CONFIRM_GRACE_MS = 3000      # a reading may predate a write by this much
 _VALIDITY_SLACK_S = 5.0       # a column's validity left may trail ours by this much (rounding, delays)
+_READBACK_GRACE_MS = 200      # a column shows a write in its input registers after its next steps
+_READBACK_SLACK_S = 2.0       # validity read back after a broadcast: whole seconds + the poll's age
 _MIN_STEP_GAP_S = 0.05        # event-driven steps at most this often
 ACK_WAIT_S = 2.0              # a command's ack waits this long for the columns' writes
 TELEMETRY_SLICE = 250         # columns per slice of a telemetry round (~8 ms of the loop each)
@@ -271,6 +273,7 @@ class ColumnView:
     written_ms: int = 0
     valid_until_ms: int = 0
     failsafe_ok_a: float | None = None      # failsafe the column confirmed (None: unknown)
+    unconfirmed_ms: int = 0                 # a broadcast decrease not yet seen in a reading (0: none)
     write_failure: str = ""
     warned: set[str] = field(default_factory=set)
 
@@ -646,6 +649,8 @@ class GatewayService:
                                                                                  view.applied_a))
             view.need_sync = True
             self._wake()
+        if view.unconfirmed_ms and r.ts_ms > view.unconfirmed_ms + _READBACK_GRACE_MS:
+            self._confirm_broadcast(view, r)
         if now - view.written_ms < _CONFIRM_GRACE_MS:
             return
         if view.failsafe_ok_a is not None and abs(r.failsafe_a - view.failsafe_ok_a) > _FAILSAFE_TOLERANCE_A:
@@ -660,6 +665,19 @@ class GatewayService:
             or (r.ts_ms > view.written_ms and r.assigned_remaining_s < expected_s - _VALIDITY_SLACK_S))
         if lost and not view.need_sync:
             self._resync_warning(view, "lost its limit assignment")
+            view.need_sync = True
+            self._wake()
+
+    def _confirm_broadcast(self, view: ColumnView, r: ColumnReading) -> None:
+        """A broadcast decrease is confirmed by the first reading polled after it: the column
+        offers no more than it (checked above) and its assignment restarted with that write.
+        A column that shows neither did not hear it, and gets it again, answered."""
+        view.unconfirmed_ms = 0
+        if view.need_sync:
+            return
+        expected_s = (view.valid_until_ms - r.ts_ms) / 1000
+        if r.assigned_remaining_s == 0 or r.assigned_remaining_s < expected_s - _READBACK_SLACK_S:
+            self._resync_warning(view, "missed a broadcast decrease")
             view.need_sync = True
             self._wake()
 
@@ -843,14 +861,16 @@ class GatewayService:
                 view.applied_a = result.limit_da / 10
                 view.written_ms = now
                 view.valid_until_ms = now + cmd.validity_s * 1000
+                if result.via != "broadcast":
+                    view.unconfirmed_ms = 0          # answered: the column has it
+                elif lower:
+                    # Nobody answers a broadcast: the next poll of the column confirms a
+                    # decrease (_confirm_broadcast), or it goes again, answered. A lost one must
+                    # not leave the column above its share until its next refresh.
+                    view.unconfirmed_ms = now
                 if cmd.failsafe_a is not None:
                     view.failsafe_ok_a = cmd.failsafe_a
                     view.need_sync = False
-                elif result.via == "broadcast" and lower:
-                    # Nobody answers a broadcast: a decrease goes once more at the next step,
-                    # with the failsafe, i.e. confirmed. A lost one would leave the column above
-                    # its share until its next write.
-                    view.need_sync = True
                 view.write_failure = ""
                 continue
             reason = result.reason if result is not None else "no_result"

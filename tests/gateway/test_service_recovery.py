@@ -4,8 +4,9 @@
   commands it accepted that are still valid, so the site keeps obeying a curtailment the
   DNO was told was applied (it used to start at the connection capacity again).
 - Limit writes to an RS-485 bus may go as one broadcast frame, which nobody confirms, and
-  noise can eat it: a decrease sent that way is written once more, confirmed (with the
-  failsafe, as a unicast); a column that offers more than the limit the gateway recorded
+  noise can eat it: a decrease sent that way is confirmed by the column's next poll (its
+  offer within the limit, its validity restarted) or written again, answered, as a unicast
+  with the failsafe; a column that offers more than the limit the gateway recorded
   for it, while that limit binds it, or holds less validity than the last write left it
   (a lost refresh), gets its limit again at once instead of at the next refresh.
 """
@@ -130,7 +131,7 @@ def test_a_column_offering_above_its_recorded_limit_gets_the_limit_again(tmp_pat
     assert not fresh.need_sync
 
 
-def test_a_broadcast_decrease_is_written_once_more_confirmed(tmp_path: Path) -> None:
+def test_a_broadcast_decrease_is_confirmed_by_the_next_poll_or_written_again(tmp_path: Path) -> None:
     service = _service(tmp_path)
     view = service.views["c1"]
     view.online, view.seeded, view.need_sync = True, True, False
@@ -139,11 +140,34 @@ def test_a_broadcast_decrease_is_written_once_more_confirmed(tmp_path: Path) -> 
              (LimitResult("c1", True, "broadcast", limit_da=200, validity_s=30), False),  # an increase
              (LimitResult("c1", True, "unicast", limit_da=160, validity_s=30), False),    # confirmed
              (LimitResult("c1", True, "broadcast", limit_da=100, validity_s=30), True)]   # not confirmed
-    for result, resend in cases:
+    for result, awaits_readback in cases:
         view.inflight = True
         service._on_limit_results([LimitCommand("c1", result.limit_da / 10, 30)], [result])
-        assert view.need_sync is resend and view.applied_a == result.limit_da / 10, result
-        assert not view.inflight
+        assert view.applied_a == result.limit_da / 10 and not view.inflight, result
+        assert bool(view.unconfirmed_ms) is awaits_readback, result
+        assert not view.need_sync, result        # no extra write on the bus for now
+    sent = view.unconfirmed_ms
+    before = replace(view)
+    # A reading polled before the column could act on the broadcast says nothing.
+    service._check_column_limits(view, _reading(10.0, "gateway", sent + 50, remaining_s=3), sent + 60)
+    assert view.unconfirmed_ms == sent and not view.need_sync
+    # The next poll shows the offer within the new limit and the validity restarted: confirmed.
+    service._check_column_limits(view, _reading(10.0, "gateway", sent + 900, remaining_s=29), sent + 910)
+    assert view.unconfirmed_ms == 0 and not view.need_sync
+    # A column that missed it (car paused, so its offer shows nothing; its validity is what the
+    # write before left) gets the limit again, answered, at the next step.
+    for missed in (_reading(0.0, "gateway", sent + 900, remaining_s=12),
+                   _reading(0.0, "gateway", sent + 900, remaining_s=0),
+                   _reading(16.0, "gateway", sent + 900, remaining_s=29)):
+        lost = replace(before)
+        service._check_column_limits(lost, missed, sent + 910)
+        assert lost.need_sync and lost.unconfirmed_ms == 0, missed
+    # An answered write after the broadcast settles it.
+    view = replace(before, inflight=True)
+    service.views["c1"] = view
+    ok = LimitResult("c1", True, "unicast", limit_da=100, validity_s=30)
+    service._on_limit_results([LimitCommand("c1", 10.0, 30, 6.0)], [ok])
+    assert view.unconfirmed_ms == 0 and not view.need_sync
 
 
 def test_a_lost_refresh_is_noticed_before_the_assignment_expires(tmp_path: Path) -> None:

@@ -199,6 +199,9 @@ def _reclaim_cap(site: Site, session: Session, column: Column, mem: ColumnMemory
     cfg = site.allocation
     if mem.applied_da <= 0:
         return None
+    settled = now_ms - mem.applied_since_ms >= cfg.reclaim_settle_s * 1000
+    if mem.reclaim_cap_da is None and not settled:
+        return None   # nothing to release nor to propose (the usual case: skip the measurement)
     measured = _measured_da(session, column)
     if measured is None:
         return mem.reclaim_cap_da
@@ -206,7 +209,7 @@ def _reclaim_cap(site: Site, session: Session, column: Column, mem: ColumnMemory
     cap = mem.reclaim_cap_da
     if cap is not None and measured >= cap - margin // 2:
         cap = None  # the car wants more again
-    if now_ms - mem.applied_since_ms >= cfg.reclaim_settle_s * 1000:
+    if settled:
         proposal = max(MIN_DA, measured + margin)
         if proposal <= mem.applied_da - _RELEASE_STEP_DA and (cap is None or proposal < cap):
             cap = proposal
@@ -216,16 +219,19 @@ def _reclaim_cap(site: Site, session: Session, column: Column, mem: ColumnMemory
 def _demand(site: Site, session: Session, column: Column, effective: EffectiveLimit, *,
             mem: ColumnMemory, now_ms: int) -> _Demand:
     phases = column.site_phases(session.draw_phases)
-    caps: list[tuple[int, str]] = [(to_da(column.max_a), "column")]
+    cap_da, cap_binding = to_da(column.max_a), "column"   # the first of equal caps names it
     col_limit = effective.columns.get(column.id)
     if col_limit is not None:
-        caps.append((to_da(max(col_limit.value_a, 0.0)), "limit:" + col_limit.source))
+        da = to_da(max(col_limit.value_a, 0.0))
+        if da < cap_da:
+            cap_da, cap_binding = da, "limit:" + col_limit.source
     if session.car_max_a is not None and math.isfinite(session.car_max_a):
-        caps.append((to_da(max(session.car_max_a, 0.0)), "car"))
+        da = to_da(max(session.car_max_a, 0.0))
+        if da < cap_da:
+            cap_da, cap_binding = da, "car"
     reclaim = _reclaim_cap(site, session, column, mem, now_ms)
-    if reclaim is not None:
-        caps.append((reclaim, "reclaim"))
-    cap_da, cap_binding = min(caps, key=lambda c: c[0])
+    if reclaim is not None and reclaim < cap_da:
+        cap_da, cap_binding = reclaim, "reclaim"
     return _Demand(session, column, mem, phases, site.constraint_keys(column, phases), cap_da,
                    cap_binding, reclaim)
 
@@ -374,9 +380,13 @@ def _remember(mem: ColumnMemory, d: _Demand | None, applied: int, due: int | Non
         paused_since = now_ms        # the allocator paused a charging session: minimum pause starts
     elif applied > 0:
         paused_since = None
+    reclaim = d.reclaim_cap_da if applied > 0 else None
+    if (applied == mem.applied_da and since == mem.applied_since_ms and due == mem.pending_due_ms
+            and charging == mem.charging_since_ms and paused_since == mem.paused_since_ms
+            and reclaim == mem.reclaim_cap_da):
+        return mem                   # the steady state: every step for every session
     return replace(mem, applied_da=applied, applied_since_ms=since, pending_due_ms=due,
-                   charging_since_ms=charging, paused_since_ms=paused_since,
-                   reclaim_cap_da=d.reclaim_cap_da if applied > 0 else None)
+                   charging_since_ms=charging, paused_since_ms=paused_since, reclaim_cap_da=reclaim)
 
 
 def _apply_delay(mem: ColumnMemory, target: int, now_ms: int, *, restore_now: bool, delay_max_s: float,

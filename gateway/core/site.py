@@ -111,6 +111,10 @@ class Column:
             picked = {self.rotation[i] for i in draw_phases if 0 <= i < self.phases}
             if picked:
                 return frozenset(picked)
+        return self._all_site_phases
+
+    @functools.cached_property
+    def _all_site_phases(self) -> frozenset[int]:
         return frozenset(self.rotation)
 
 
@@ -175,9 +179,18 @@ class Site:
         return self.capacity_a if node == SITE_NODE else self.circuits[node].rating_a
 
     def constraint_keys(self, column: Column, phases: frozenset[int]) -> tuple[str, ...]:
-        """Every node/phase constraint a current on ``phases`` of this column passes through."""
-        return tuple(site_phase_key(node, p) for node in self.node_path(column.circuit)
-                     for p in sorted(phases))
+        """Every node/phase constraint a current on ``phases`` of this column passes through
+        (the allocation asks for every session at every step: kept once per circuit and phases)."""
+        known = self._constraint_keys
+        keys = known.get((column.circuit, phases))
+        if keys is None:
+            keys = known[(column.circuit, phases)] = tuple(
+                site_phase_key(node, p) for node in self.node_path(column.circuit) for p in sorted(phases))
+        return keys
+
+    @functools.cached_property
+    def _constraint_keys(self) -> dict[tuple[str, frozenset[int]], tuple[str, ...]]:
+        return {}
 
     def constraint_limits_da(self, site_limit_a: PhaseCurrents | None = None) -> dict[str, int]:
         """Rating of each node/phase in deci-amps; the site nodes take the tighter of the

@@ -136,6 +136,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             col.meter.set_load([5.0] * (1 if col.config["phases"] == 1 else 3))
         gateway = GatewayProcess(config_path, tmp / "gateway.log")
         stack.callback(gateway.close)
+        # Ready for commands once subscribed: its first telemetry leaves after the SUBSCRIBE on
+        # the same connection (a command published before that reaches nobody, as MQTT says).
+        dno.wait_for("the gateway's first site telemetry", on(topics.site_telemetry(SITE)), timeout_s=30)
         rig = Rig(gateway, dno, cols, config_path, tmp / "audit.jsonl", failsafe_da)
         try:
             yield rig

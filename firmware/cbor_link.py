@@ -52,9 +52,7 @@ class Link:
         self._pending = [None] * max_pending  # slots: [id, action, sent_ms, on_result]
         self._next_id = 1
         self._rx_ms = 0
-        self.counters = {}
-        for name in COUNTERS:
-            self.counters[name] = 0
+        self.counters = dict.fromkeys(COUNTERS, 0)  # sized once (a dict grown key by key is larger)
 
     def reset(self):
         """A new connection: forget any partial frame (pending calls run to their timeout)."""

@@ -186,7 +186,12 @@ def _check_section(prefix, section, data, entries, errors):
     unknown.sort()
     for key in unknown:
         errors.append("%s%s: unknown key" % (prefix, key))
-    return out
+    # The result lives as long as the column (app.cfg): a copy sized to its keys, as a
+    # dict grown key by key keeps room for more.
+    cfg = dict.fromkeys(out)
+    for key, value in out.items():
+        cfg[key] = value
+    return cfg
 
 
 def _cross_check(cfg, data, errors):

@@ -47,15 +47,17 @@ DEFAULTS = dict(
 
 class Controller:
     def __init__(self, cfg=None, next_session_id=1):
+        # The merged config is read here only: its parts keep the values they use (in ms
+        # and deci-amps), so the dict is not kept (a board would hold it for nothing).
         c = dict(DEFAULTS)
         if cfg:
             for key in DEFAULTS:
                 if key in cfg:
                     c[key] = cfg[key]
-        self.cfg = c
         self.cp_detector = CpDetector(int(c["cp_debounce_ms"]))
         lim = self.limits = LimitArbiter(c)
         sess = self.session = Session(c, next_session_id)
+        c = None
         self.events = sess.events
         self._fail_error = ERR_NONE
         # Commands from the gateway link and the app go straight to the part that owns

@@ -25,6 +25,7 @@ _STATUS_MIN_MS = const(1000)   # offered-current-only changes are reported at mo
 _MV_CHANGE_DA = const(10)      # a phase current moved this much (1 A): MeterValues now, not in 10 s
 _EV_START = const(1)           # firmware.session.EV_SESSION_START
 _EV_STOP = const(2)            # firmware.session.EV_SESSION_STOP
+_RX_CHUNK = const(64)          # bytes read from a serial line at a time
 # firmware.session stop reason code -> contract name (messages.STOP_REASONS); "Other" for
 # STOP_NONE, which no stop event carries.
 STOP_NAMES = ("Other",) + STOP_REASON_NAMES[1:]
@@ -273,21 +274,18 @@ class CborLink:
 
     # -- transports ----------------------------------------------------------------------
     async def serve_serial(self, uart, de_pin, clock, asyncio, alive):
-        def write(data):
-            if de_pin is not None:
-                de_pin.value(1)
-            uart.write(data)
-            uart.flush()
-            if de_pin is not None:
-                de_pin.value(0)
-
-        self.connected(write, clock.ticks_ms())
-        rx = bytearray(256)
+        self.connected(self.app.rs485_writer(uart, de_pin), clock.ticks_ms())  # DE only while sending
+        # A small read buffer emptied in a loop (the frame reader holds the frame), handed
+        # over as a view, not a copy: the link takes every byte of it before on_bytes
+        # returns (FrameReader.feed), so rx is free again for the next read.
+        rx = bytearray(_RX_CHUNK)
+        view = memoryview(rx)
         while True:
             alive()
             n = uart.readinto(rx)
-            if n:
-                self.on_bytes(bytes(rx[0:n]), clock.ticks_ms())
+            while n:
+                self.on_bytes(view[0:n], clock.ticks_ms())
+                n = uart.readinto(rx) if n == _RX_CHUNK else 0  # a full read: more may wait
             await asyncio.sleep(0.002)
 
     async def serve_tcp(self, port, clock, asyncio, host="0.0.0.0"):

@@ -4,11 +4,12 @@
 from array import array
 
 from firmware import image, regmap
-from firmware.modbus import RTU_MAX, RtuRequestParser
+from firmware.modbus import RtuRequestParser
 from firmware.modbus_slave import ModbusSlave
 
 _EX_DEVICE_FAILURE = 4
 _EX_ILLEGAL_VALUE = 3
+_RX_CHUNK = 64   # bytes read from the bus at a time
 
 
 def _save_bus_address(path, new):
@@ -139,7 +140,9 @@ class ModbusLink:
     # -- transports ----------------------------------------------------------------------
     async def serve_rtu(self, uart, de_pin, clock, asyncio, alive, gap_ms=2):
         """Poll the UART, answer requests for our unit; a silence marks a frame gap."""
-        rx = bytearray(RTU_MAX)
+        # A small read buffer emptied in a loop: the parser holds the frame (RTU_MAX bytes),
+        # so a second buffer of that size would only copy it on its way there.
+        rx = bytearray(_RX_CHUNK)
         parser = self.parser
         pending = False
         last_rx = clock.ticks_ms()
@@ -150,10 +153,12 @@ class ModbusLink:
             if n:
                 pending = True
                 last_rx = now
-                taken = 0
-                while taken < n:
-                    taken += parser.feed(rx, taken, n)
-                    self._answer(uart, de_pin, now)
+                while n:
+                    taken = 0
+                    while taken < n:
+                        taken += parser.feed(rx, taken, n)
+                        self._answer(uart, de_pin, now)
+                    n = uart.readinto(rx) if n == _RX_CHUNK else 0  # a full read: more may wait
             elif pending and clock.ticks_diff(now, last_rx) >= gap_ms:
                 pending = False
                 parser.gap()

@@ -84,20 +84,10 @@ class Meter:
         self.gap_ms = gap_ms            # quiet bus before a request (>= 3.5 characters)
         self.max_power_w = max_power_w or sdm.MAX_POWER_W[kind]
         self.phases = sdm.PHASES[kind]
-        fields = sdm.FIELDS[kind]
-        # Per block: request bytes (its count at [5] gives the reply's length) and
-        # (field, byte offset, scale) to decode. An attribute costs every meter RAM: what
-        # can be derived is not kept.
+        # Per block: request bytes (its count at [5] gives the reply's length). Where each
+        # field sits in a reply is read from firmware.sdm's tables when the reply comes:
+        # an attribute costs every meter RAM, so what can be derived is not kept.
         self._reqs = tuple(read_request(address, s, c) for s, c in blocks)
-        plans = []
-        for start, count in blocks:
-            plan = []  # flat: field, byte offset, scale, field, ...
-            for f in range(sdm.NFIELDS):
-                reg = fields[f]
-                if reg >= 0 and start <= reg < start + count:
-                    plan += (f, 3 + 2 * (reg - start), sdm.SCALE[f])
-            plans.append(tuple(plan))
-        self._plans = tuple(plans)
         # Buffers, owned here and reused for every reply: rx holds the reply being
         # assembled, stage the values of the cycle in progress (applied when it completes).
         self._rx = bytearray(max(sdm.reply_len(c) for s, c in blocks))
@@ -254,13 +244,16 @@ class Meter:
             self._state = _DRAIN
             return
         stage = self._stage
-        plan = self._plans[self._block]
-        for i in range(0, len(plan), 3):
-            v = sdm.decode_f32(rx, plan[i + 1], plan[i + 2])
-            if v is None:
-                self._bad(now_ms)
-                return
-            stage[plan[i]] = v
+        start, count = sdm.BLOCKS[self.kind][self._block]
+        fields = sdm.FIELDS[self.kind]
+        for f in range(sdm.NFIELDS):
+            reg = fields[f]
+            if reg >= 0 and start <= reg < start + count:
+                v = sdm.decode_f32(rx, 3 + 2 * (reg - start), sdm.SCALE[f])
+                if v is None:
+                    self._bad(now_ms)
+                    return
+                stage[f] = v
         self.replies += 1
         self._block += 1
         self._attempt = 0

@@ -50,12 +50,9 @@ class ModbusSlave:
         self.on_write = on_write
         self.on_broadcast_limit = on_broadcast_limit
         n = regmap.HOLDING_COUNT
-        self._lo = array("H", [0] * n)
-        self._hi = array("H", [0] * n)
-        for addr in range(n):
-            self._lo[addr] = regmap.HOLDING_RANGES[addr][0]
-            self._hi[addr] = regmap.HOLDING_RANGES[addr][1]
-        self._saved = array("H", [0] * n)  # values a rejected write puts back
+        # Writes are checked against regmap.HOLDING_RANGES itself (read in place, nothing
+        # copied); the only per-slave buffer is the values a rejected write puts back.
+        self._saved = array("H", [0] * n)
         # The longest reply PDU: a read of a whole image (a read past an image's end is
         # refused, so no reply is longer); the reply buffers are sized by it, not by the
         # protocol's 256 bytes.
@@ -136,11 +133,11 @@ class ModbusSlave:
         """Validate every value (pdu words from `at`), then store all or nothing."""
         if start + count > regmap.HOLDING_COUNT:
             return EX_ILLEGAL_ADDRESS
-        lo = self._lo
-        hi = self._hi
+        ranges = regmap.HOLDING_RANGES
         for i in range(count):
             v = u16(pdu, at + 2 * i)
-            if v < lo[start + i] or v > hi[start + i]:
+            lo, hi = ranges[start + i]
+            if v < lo or v > hi:
                 return EX_ILLEGAL_VALUE
         holding = self.holding
         saved = self._saved

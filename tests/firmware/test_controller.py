@@ -42,7 +42,10 @@ def test_defaults_hold_every_key():
 def test_config_overrides_defaults_and_ignores_other_keys():
     c = Controller({"hardware_rating_a": 16, "column_id": "c-1", "installation_rating_a": 20.5})
     assert c.limits.hardware_da == 160 and c.limits.installation_da == 205
-    assert c.cfg["min_pause_s"] == 300 and "column_id" not in c.cfg
+    # Keys left out take their defaults (min_pause_s 300 s, overdraw_grace_s 7 s) in the parts
+    # that use them; the merged dict itself is not kept (RAM on a board).
+    assert c.limits._min_pause_ms == 300000 and c.limits._grace_ms == 7000
+    assert not hasattr(c, "cfg")
     assert Controller().limits.hardware_da == 320
 
 

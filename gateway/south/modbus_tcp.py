@@ -6,7 +6,8 @@ moment :meth:`ModbusTcpColumns.set_limits` asks (ahead of the next poll; the col
 writes run concurrently, each confirmed by its echo). The columns' polls are spread over
 the period (column i of n at i/n of it, in groups of `poll_slot_s` so that the event loop
 wakes once per group; heartbeats in between), so a site of thousands of columns is polled
-at an even rate instead of in one burst a second.
+at an even rate instead of in one burst a second. The reply timeouts and the naps of all
+columns share one coarse timer (:mod:`gateway.south.coarse_timer`).
 Timeouts, retries, failure classes and online/offline tracking are the same as on the RTU
 bus (shared code in :mod:`gateway.south.modbus_bus`); a column that stops answering on an
 open connection is disconnected when it goes offline, so a half-open TCP connection is
@@ -28,6 +29,7 @@ from functools import partial
 from typing import Any
 
 from firmware import regmap
+from gateway.south.coarse_timer import CoarseTimer
 from gateway.south.modbus_bus import (
     Backoff,
     EventSink,
@@ -77,15 +79,17 @@ class TcpConfig:
     event_queue_size: int = 1000
     poll_slot_s: float = 0.02     # the polls are spread over the period in groups of this slot
     max_connecting: int = 200     # connection attempts at a time (a site's start dials every column)
+    timer_resolution_s: float = 0.01   # reply timeouts and naps fire up to this late (coarse_timer)
 
 
 class _Channel:
     """One column's connection, schedule and link state."""
 
-    def __init__(self, cfg: TcpColumn, config: TcpConfig, rng: random.Random) -> None:
+    def __init__(self, cfg: TcpColumn, config: TcpConfig, rng: random.Random, timer: CoarseTimer) -> None:
         self.cfg = cfg
         self.tracker = LinkTracker(cfg.column_id, config.offline_after)
-        self.requester = TcpRequester(cfg.host, cfg.port)
+        self.requester = TcpRequester(cfg.host, cfg.port, timer)
+        self.timer = timer
         self.schedule: PollSchedule[str, UrgentJob] = PollSchedule(budget=1.0)
         self.backoff = Backoff(config.reconnect_base_s, config.reconnect_max_s, rng)
         self.waiter: asyncio.Future[None] | None = None   # the task's nap, cut short by wake()
@@ -100,15 +104,15 @@ class _Channel:
             waiter.set_result(None)
 
     async def nap(self, seconds: float) -> None:
-        """Sleep until the next job is due or wake() is called (a bare future and one timer:
-        asyncio.wait_for on an Event costs a task per call, and this runs once per poll)."""
+        """Sleep until the next job is due or wake() is called (a bare future on the shared
+        coarse timer: asyncio.wait_for on an Event costs a task per call, a loop timer per
+        call a heap entry, and this runs once per poll)."""
         loop = asyncio.get_running_loop()
         self.waiter = waiter = loop.create_future()
-        timer = loop.call_later(seconds, _settle, waiter)
+        self.timer.call_later(loop, seconds, _settle, waiter)
         try:
             await waiter
         finally:
-            timer.cancel()
             self.waiter = None
 
 
@@ -132,11 +136,12 @@ class ModbusTcpColumns:
         # and back off together; a few hundred at a time each take milliseconds.
         self._connecting = asyncio.Semaphore(self.config.max_connecting)
         self._channels: dict[str, _Channel] = {}
+        self._timer = CoarseTimer(self.config.timer_resolution_s)
         rng = random.Random()   # one for every column's reconnect jitter (each would take 2.5 KB)
         for col in columns:
             if col.column_id in self._channels:
                 raise ValueError("duplicate column " + col.column_id)
-            self._channels[col.column_id] = _Channel(col, self.config, rng)
+            self._channels[col.column_id] = _Channel(col, self.config, rng, self._timer)
 
     # -- lifetime ------------------------------------------------------------------------
     async def start(self) -> None:

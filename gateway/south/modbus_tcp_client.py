@@ -27,6 +27,7 @@ import struct
 from collections.abc import Sequence
 
 from firmware.modbus import MBAP_LEN, TCP_MAX
+from gateway.south.coarse_timer import CoarseTimer
 from gateway.south.modbus_bus import ExchangeError
 from gateway.south.types import (
     REASON_DISCONNECTED,
@@ -116,9 +117,10 @@ class TcpRequester:
     """One column's connection. `await connect()`, then read_input / write_single /
     write_multiple, one at a time (the column's task serialises them)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, timer: CoarseTimer | None = None) -> None:
         self.host = host
         self.port = port
+        self._timer = timer   # reply timeouts on the adapter's shared grid (None: a loop timer each)
         self._link: _Link | None = None
         self._tid = 0
         self._reads: dict[tuple[int, int], bytes] = {}   # (address, count) -> the request's PDU
@@ -164,7 +166,12 @@ class TcpRequester:
         fut: asyncio.Future[bytes] = loop.create_future()
         link.tid, link.fc, link.unit, link.future, link.rx = tid, fc, unit, fut, False
         link.transport.write(_HEADER.pack(tid, 0, len(frame_tail) + 1, unit) + frame_tail)
-        timer = loop.call_later(timeout_s, _expire, fut)
+        shared = self._timer
+        timer = None
+        if shared is not None:
+            shared.call_later(loop, timeout_s, _expire, fut)   # a no-op once the reply is in
+        else:
+            timer = loop.call_later(timeout_s, _expire, fut)
         try:
             return await fut
         except _Expired:
@@ -173,7 +180,8 @@ class TcpRequester:
         except ExchangeError as exc:
             raise self._fail(exc.reason, exc.detail) from None
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     async def read_input(self, unit: int, address: int, count: int, timeout_s: float) -> tuple[int, ...]:
         """FC04: `count` input registers from `address`."""

@@ -1,6 +1,7 @@
-# Which firmware modules a running column has loaded: boots the real app (firmware/app.py)
-# on the virtual board with the given config, lets App.run() load its link and meter code,
-# and prints the module names as a JSON list. MicroPython-compatible code only.
+# Which firmware modules (and asyncio submodules) a running column has loaded: boots the real
+# app (firmware/app.py) on the virtual board with the given config, lets App.run() load its
+# link and meter code, and prints the module names as a JSON list. MicroPython-compatible
+# code only.
 #
 #   app_modules.py CONFIG METER_PTY LINK_PTY|-
 import asyncio
@@ -23,6 +24,9 @@ async def _main(config, meter_path, link_path):
     task = asyncio.create_task(column.run())
     await asyncio.sleep(0.5)
     names = [k for k in sys.modules if k == "firmware" or k.startswith("firmware.")]
+    # Library code the running column loaded on demand (asyncio.stream for a TCP server):
+    # code, not data, though `import asyncio` alone does not load it.
+    names += [k for k in sys.modules if k.startswith("asyncio.")]
     print(json.dumps(sorted(names)))
     task.cancel()
 

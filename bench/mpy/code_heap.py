@@ -1,5 +1,6 @@
 # Heap taken by code: gc.mem_alloc() after a collection, first in the empty interpreter, then
-# with what the harness needs (asyncio, json, the virtual board's `machine`), then with every
+# with what the harness needs (asyncio and the submodules the column loads, json, the virtual
+# board's `machine`), then with every
 # firmware module a running column loads (one name a line in the file argv[1], as
 # bench/mpy/app_modules.py listed them) imported one at a time with a collection after each,
 # as App.run() does. With argv[2] (hil/vcolumn_main.py), also the harness script's own code:
@@ -15,11 +16,16 @@ import asyncio  # noqa: E402, F401
 
 import machine  # noqa: E402, F401
 
-gc.collect()
-platform = gc.mem_alloc()
 with open(sys.argv[1]) as f:
     names = [n.strip() for n in f.read().split("\n") if n.strip()]
+for name in names:   # the library's submodules the column loads on demand count as platform
+    if not (name == "firmware" or name.startswith("firmware.")):
+        __import__(name)
+gc.collect()
+platform = gc.mem_alloc()
 for name in names:
+    if not (name == "firmware" or name.startswith("firmware.")):
+        continue
     __import__(name)
     gc.collect()
 gc.collect()

@@ -611,10 +611,11 @@ def summarise(path: str | os.PathLike[str] | IO[bytes], *, strict: bool = True,
         start = reader.start_utc_ms
         channel_out = {}
         for name, decl in header["channels"].items():
-            entry = {"unit": decl["unit"], "kind": decl["kind"], "column": decl["column"]}
+            # (the reader takes a site channel's missing "column" as null, as its name says)
+            entry = {"unit": decl["unit"], "kind": decl["kind"], "column": decl.get("column")}
             entry.update(stats[name].as_dict())
             channel_out[name] = entry
-        columns = sorted({d["column"] for d in header["channels"].values() if d["column"] is not None})
+        columns = sorted({e["column"] for e in channel_out.values() if e["column"] is not None})
         return {
             "file": reader.name, "format": header["format"], "version": header["version"],
             "source": header["source"], "start_utc_ms": start, "start_utc": utc_text(start),

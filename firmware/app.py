@@ -29,10 +29,12 @@ _EV_SESSION_STOP = const(2)
 
 
 class App:
+    # Shared by every instance through the class: no slot in each app's attribute dict.
+    clock = clock
+    version = VERSION
+
     def __init__(self, machine, config_path="column.json", store_prefix="energy", pins=None,
                  use_wdt=True, log=None):
-        self.clock = clock
-        self.version = VERSION
         self.log = log or print
         self.config_path = config_path
         self.meter = None
@@ -41,7 +43,6 @@ class App:
         self._meter_cycles = 0          # meter.cycles at the last control step
         self._alive = 0
         self._reset_requested = False
-        self._machine = machine
         self.tasks = {}  # name -> asyncio task, once run() has started them
         # Sets cfg, config_errors, hal, store, ctl, energy_wh (boot code, see run()).
         from firmware import wiring

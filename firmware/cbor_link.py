@@ -47,8 +47,7 @@ class Link:
         self.call_timeout_ms = call_timeout_ms
         self.frame_gap_ms = frame_gap_ms  # quiet time after which a partial frame is stale
         self.side = side
-        self.max_payload = max_payload
-        self.reader = FrameReader(max_payload)
+        self.reader = FrameReader(max_payload)  # its max_payload bounds what we send too
         self._pending = [None] * max_pending  # slots: [id, action, sent_ms, on_result]
         self._next_id = 1
         self._rx_ms = 0
@@ -207,7 +206,7 @@ class Link:
 
     def _send(self, msg):
         try:
-            frame = encode_frame(cbor.dumps(msg), self.max_payload)
+            frame = encode_frame(cbor.dumps(msg), self.reader.max_payload)
             self._write(frame)
         except Exception:  # unencodable, too long, or the transport failed
             self.counters["tx_failures"] += 1

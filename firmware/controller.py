@@ -10,13 +10,11 @@ from firmware.limits import LimitArbiter
 from firmware.pilot import (
     DUTY_NO_CURRENT,
     DUTY_STATE_F,
-    PP_INVALID,
     CpDetector,
     cable_rating_da,
     cp_state_for_mv,
     diode_ok,
     duty_for_current_da,
-    pp_state,
 )
 from firmware.session import DIODE_MISSING, DIODE_OK, DIODE_UNKNOWN, Session
 from firmware.status import CP_A, ERR_NONE, SRC_SAFETY
@@ -61,34 +59,32 @@ class Controller:
         self.events = sess.events
         self._fail_error = ERR_NONE
         # Commands from the gateway link and the app go straight to the part that owns
-        # them: bound methods cost a board less RAM than wrapper functions.
+        # them: bound methods cost a board less RAM than wrapper functions. Only the ones
+        # a link or the boot code calls are kept here (each is an object and a slot in
+        # this instance's dict); the rest are called on their owner (ctl.limits.set_enabled,
+        # ctl.session.remote_stop).
         # assign_limit(limit_da, validity_s, now_ms) -> the limit applied (capped, 0 =
         # pause) or limits.REJECTED (-1); validity_s == 0 clears the assignment.
         self.assign_limit = lim.assign
-        self.clear_assignment = lim.clear_assignment
         # set_failsafe(limit_da): pre-assigned failsafe, capped by the ratings; returns it
         # or limits.REJECTED.
         self.set_failsafe = lim.set_failsafe
         self.heartbeat = lim.heartbeat          # heartbeat(now_ms)
-        self.set_enabled = lim.set_enabled      # set_enabled(flag)
-        self.remote_stop = sess.remote_stop
         self.record_power_loss = sess.record_power_loss  # (session_id, energy_wh)
-        # Outputs (all set by step()).
+        # Outputs (all set by step()): what the HAL applies and the links report. What
+        # the limits allow is lim.offered; the raw CP state and the phase maximum are
+        # not kept (nothing reads them).
         self.duty = DUTY_NO_CURRENT
         self.pwm_on = False
         self.contactor_on = False
         self.status = sess.status
         self.error = ERR_NONE
         self.offered_da = 0            # what the pilot signals now (0 when PWM is off)
-        self.limit_da = 0              # what the limits allow (offered when a car is there)
         self.limit_source = lim.source
         self.paused = False
         self.failsafe_active = True
-        self.cp_raw = CP_A
         self.cp_state = CP_A
-        self.cable_da = 0
-        self.pp_invalid = False
-        self.i_max_da = 0
+        self.cable_da = 0              # 0: no cable or an invalid PP reading
         self.session_id = 0            # current or last session (0 = none yet)
         self.session_energy_wh = 0     # energy of the current or last session
         self.session_active = False
@@ -103,7 +99,6 @@ class Controller:
         """contactor_fb / pp_ohms may be None when the board has no feedback / PP input."""
         raw = cp_state_for_mv(cp_high_mv, cp_low_mv)
         cp = self.cp_detector.update(now_ms, raw)
-        self.cp_raw = raw
         self.cp_state = cp
         # The low level says something about the diode only while our PWM runs.
         if not self.pwm_on:
@@ -114,13 +109,11 @@ class Controller:
             diode = DIODE_MISSING
         cable = cable_rating_da(pp_ohms)
         self.cable_da = cable
-        self.pp_invalid = pp_state(pp_ohms) == PP_INVALID
         imax = i1_da
         if i2_da > imax:
             imax = i2_da
         if i3_da > imax:
             imax = i3_da
-        self.i_max_da = imax
 
         lim = self.limits
         lim.cable_da = cable
@@ -132,7 +125,6 @@ class Controller:
         sess.step(now_ms, cp, diode, limit, lim.enabled, rcd_tripped, contactor_fb, energy_wh,
                   lim.error, self._fail_error)
 
-        self.limit_da = limit
         self.pwm_on = sess.pwm_on
         if self._fail_error != ERR_NONE:
             self.duty = DUTY_STATE_F

@@ -42,8 +42,7 @@ class FrameReader:
     """
 
     def __init__(self, max_payload=MAX_PAYLOAD):
-        self.max_payload = max_payload
-        self._buf = bytearray(max_payload + OVERHEAD)
+        self._buf = bytearray(max_payload + OVERHEAD)  # one whole frame: max_payload is read from it
         self._mv = memoryview(self._buf)
         self._n = 0  # bytes held in _buf; when > 0, _buf[0] is a SYNC byte
         self._done = 0  # length of the frame last returned, still at the front of _buf
@@ -62,6 +61,11 @@ class FrameReader:
         self._src = chunk
         self._pos = 0
         self._end = len(chunk)
+
+    @property
+    def max_payload(self):
+        """The longest payload taken (longer LENs count as oversize)."""
+        return len(self._buf) - OVERHEAD
 
     @property
     def pending(self):

@@ -48,7 +48,7 @@ def _save_bus_address(path, new):
 class ModbusLink:
     """Owns the register images; the app refreshes `inputs` every control step."""
 
-    def __init__(self, app, unit_id):
+    def __init__(self, app, unit_id, rtu=True):
         self.app = app
         self.inputs = array("H", [0] * regmap.INPUT_COUNT)
         self.holding = array("H", [0] * regmap.HOLDING_COUNT)
@@ -56,7 +56,9 @@ class ModbusLink:
         self.holding[regmap.HR_FAILSAFE_LIMIT] = app.ctl.limits.failsafe_da
         self.slave = ModbusSlave(unit_id, self.inputs, self.holding, self._on_write,
                                  self._on_broadcast)
-        self.parser = RtuRequestParser()
+        # The RTU request parser holds a whole RTU frame (256 B): a TCP column (rtu=False)
+        # has none, its connections frame their own requests (firmware/modbus_tcp.py).
+        self.parser = RtuRequestParser() if rtu else None
         self.tcp_clients = 0
         inp = self.inputs
         cfg = app.cfg
@@ -73,11 +75,12 @@ class ModbusLink:
         app = self.app
         ctl = app.ctl
         image.fill_inputs(self.inputs, ctl, app.meter, app.energy_wh, app.store.boots,
-                          self.parser.errors(), app.uptime_s(now_ms),
+                          self.bad_frames(), app.uptime_s(now_ms),
                           ctl.limits.assignment_remaining_s(now_ms))
 
     def bad_frames(self):
-        return self.parser.errors()
+        """Damaged RTU frames (the bad_frames register); 0 over TCP."""
+        return self.parser.errors() if self.parser is not None else 0
 
     # -- writes from the gateway ---------------------------------------------------------
     def _on_write(self, start, count, now_ms):
@@ -102,7 +105,7 @@ class ModbusLink:
                                 now_ms) < 0:
                 return _EX_ILLEGAL_VALUE
         if start <= regmap.HR_ENABLE < end:
-            ctl.set_enabled(hold[regmap.HR_ENABLE] == 1)
+            ctl.limits.set_enabled(hold[regmap.HR_ENABLE] == 1)
         if start <= regmap.HR_RESET < end:
             app.request_reset()
         return 0

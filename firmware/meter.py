@@ -31,6 +31,7 @@ _DRAIN = const(2)         # bad or unwanted bytes: wait for the bus to go quiet,
 _NEXT = const(3)          # block done, next block of the cycle after the bus gap
 
 _SLACK_WH = const(20)
+_GAP_MS = const(5)        # quiet bus before a request (>= 3.5 characters)
 
 # Tick arithmetic on 30 bits: works for any ticks_ms whose period is a multiple of 2^30
 # (boards: 2^30, unix port: 2^62, CPython monotonic: no wrap) for differences < 2^29 ms.
@@ -67,26 +68,33 @@ class Meter:
     energy_wh (import), export_wh, freq_chz, last_ok_ms; phases not measured stay 0.
     """
 
-    def __init__(self, kind, address, write, timeout_ms=300, retries=2,  # noqa: PLR0917
-                 poll_interval_ms=1000, stale_ms=5000, gap_ms=5, max_power_w=0):
+    # Bus timing at its defaults as class attributes: a meter that keeps them (a board's
+    # does: the config does not set them) holds no slot for them in its attribute dict.
+    timeout_ms = 300        # from the request, or the last byte received
+    retries = 2             # extra attempts per block before the cycle fails
+    poll_interval_ms = 1000
+
+    def __init__(self, kind, address, write, timeout_ms=None, retries=None,  # noqa: PLR0917
+                 poll_interval_ms=None, stale_ms=5000, max_power_w=0):
         blocks = sdm.BLOCKS.get(kind)
         if blocks is None:
             raise ValueError("unknown meter type %r" % (kind,))
         if not 1 <= address <= 247:
             raise ValueError("meter address %r not in 1..247" % (address,))
         self.kind = kind
-        self.address = address
         self.write = write
-        self.timeout_ms = timeout_ms    # from the request, or the last byte received
-        self.retries = retries          # extra attempts per block before the cycle fails
-        self.poll_interval_ms = poll_interval_ms
+        if timeout_ms is not None:
+            self.timeout_ms = timeout_ms
+        if retries is not None:
+            self.retries = retries
+        if poll_interval_ms is not None:
+            self.poll_interval_ms = poll_interval_ms
         self.stale_ms = stale_ms
-        self.gap_ms = gap_ms            # quiet bus before a request (>= 3.5 characters)
         self.max_power_w = max_power_w or sdm.MAX_POWER_W[kind]
-        self.phases = sdm.PHASES[kind]
-        # Per block: request bytes (its count at [5] gives the reply's length). Where each
-        # field sits in a reply is read from firmware.sdm's tables when the reply comes:
-        # an attribute costs every meter RAM, so what can be derived is not kept.
+        # Per block: request bytes (the meter's address at [0]; the count at [5] gives the
+        # reply's length). Where each field sits in a reply is read from firmware.sdm's
+        # tables when the reply comes: an attribute costs every meter RAM, so what can be
+        # derived is not kept.
         self._reqs = tuple(read_request(address, s, c) for s, c in blocks)
         # Buffers, owned here and reused for every reply: rx holds the reply being
         # assembled, stage the values of the cycle in progress (applied when it completes).
@@ -100,7 +108,6 @@ class Meter:
         self._t_act = 0            # last bus activity: request sent or byte received
         self._cycle_ms = -1        # start of the last cycle; -1: none yet (ticks are >= 0)
         self._fresh = False        # a good cycle within stale_ms (latched off when stale)
-        self._have_energy = False
         # Results.
         self.voltage_dv = [0, 0, 0]
         self.current_da = [0, 0, 0]
@@ -148,11 +155,11 @@ class Meter:
                 return self._failed_attempt(now_ms)
             return False
         if st == _DRAIN:
-            if ticks_diff(now_ms, self._t_act) >= self.gap_ms:
+            if ticks_diff(now_ms, self._t_act) >= _GAP_MS:
                 return self._failed_attempt(now_ms)
             return False
         if st == _NEXT:
-            if ticks_diff(now_ms, self._t_act) >= self.gap_ms:
+            if ticks_diff(now_ms, self._t_act) >= _GAP_MS:
                 return self._send(now_ms)
             return False
         if self._cycle_ms >= 0 and ticks_diff(now_ms, self._cycle_ms) < self.poll_interval_ms:
@@ -184,7 +191,7 @@ class Meter:
             k += 1
             self._n = k
             if k == 1:
-                if b != self.address:
+                if b != self._reqs[0][0]:   # the meter's address
                     self._bad(now_ms)
                     return
             elif k == 2:
@@ -268,7 +275,7 @@ class Meter:
         if imp < 0 or exp < 0:
             self.bad_replies += 1
             return
-        if self._have_energy:
+        if self.cycles:            # energy accepted before: it may not go back or jump
             if imp < self.energy_wh or exp < self.export_wh:
                 self.meter_backwards += 1
                 return
@@ -292,7 +299,6 @@ class Meter:
         self.freq_chz = s[sdm.F_FREQ]
         self.energy_wh = imp
         self.export_wh = exp
-        self._have_energy = True
         self.last_ok_ms = now_ms
         self._fresh = True
         self.cycles += 1

@@ -118,7 +118,6 @@ class Session:
         self.charged = False         # the EV asked for energy (C/D) in this session
         self.energy_start_wh = 0
         self.energy_wh = 0           # energy of the current or last session
-        self.last_stop_reason = STOP_NONE
         self.fault = ERR_NONE        # latched fault (ERR_*), ERR_NONE when healthy
         self.pwm_on = False
         self.contactor_on = False
@@ -127,10 +126,10 @@ class Session:
         self.open_under_load_count = 0
         self._finishing = False      # remote stop: no new session until unplug
         self._remote_stop = False
-        self._diode_bad = False
-        self._diode_ms = 0
-        self._fb_bad = False
-        self._fb_ms = 0
+        # Start of a missing diode / a feedback mismatch, -1 while there is none (ticks
+        # are >= 0): one attribute each instead of a flag and a time (RAM on a board).
+        self._diode_ms = -1
+        self._fb_ms = -1
         self._pwm_off = True
         self._pwm_off_ms = 0
         self._pwm_off_long = True
@@ -146,7 +145,6 @@ class Session:
     # --- sessions -----------------------------------------------------------------------
     def _stop(self, energy_wh, reason):
         self.active = False
-        self.last_stop_reason = reason
         self.events.push(EV_SESSION_STOP, self.session_id, energy_wh, reason)
 
     # --- the step -----------------------------------------------------------------------
@@ -170,18 +168,16 @@ class Session:
         # Contactor feedback disagreeing with the command for contactor_feedback_ms.
         mismatch = False
         if fb is None or (fb and self.contactor_on) or (not fb and not self.contactor_on):
-            self._fb_bad = False
-        elif not self._fb_bad:
-            self._fb_bad = True
+            self._fb_ms = -1
+        elif self._fb_ms < 0:
             self._fb_ms = now_ms
         else:
             mismatch = elapsed_ms(now_ms, self._fb_ms) >= self._fb_limit_ms
         # The EV's diode missing (connected, PWM running) for cp_debounce_ms.
         missing = False
         if diode != DIODE_MISSING or not connected:
-            self._diode_bad = False
-        elif not self._diode_bad:
-            self._diode_bad = True
+            self._diode_ms = -1
+        elif self._diode_ms < 0:
             self._diode_ms = now_ms
         else:
             missing = elapsed_ms(now_ms, self._diode_ms) >= self._debounce_ms
@@ -224,7 +220,6 @@ class Session:
             self.charged = False
             self.energy_start_wh = energy_wh
             self.energy_wh = 0
-            self.last_stop_reason = STOP_NONE
             self.events.push(EV_SESSION_START, sid, energy_wh, STOP_NONE)
         self._remote_stop = False
         if self.active and in_c:

@@ -46,7 +46,9 @@ def init(app, machine, config_path, store_prefix, pins, use_wdt):
     before = list(sys.modules)
     from firmware import config
 
-    app.cfg, app.config_errors = cfg, errors = config.load_config(config_path)
+    cfg, errors = config.load_config(config_path)
+    errors = tuple(errors)  # without errors the shared empty tuple: no list kept for nothing
+    app.cfg, app.config_errors = cfg, errors
     config = None
     # The validator and what it loaded for itself go (a link that needs one of those loads
     # it again), and the JSON text is gone: long-lived objects fill their room.
@@ -108,7 +110,7 @@ def link(app, mode):
         return None
     module = _load(*modules)
     if mode in _MODBUS:
-        app.link = module.ModbusLink(app, app.cfg["bus_address"])
+        app.link = module.ModbusLink(app, app.cfg["bus_address"], rtu=mode in _SERIAL)
     else:
         app.link = module.CborLink(app)
     return app.link

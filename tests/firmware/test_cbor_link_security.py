@@ -125,7 +125,7 @@ def test_cbor_trust_ends_with_the_connection_and_with_a_new_boot():
 
 def test_cbor_a_column_with_a_broken_config_takes_no_config_write_and_no_reset():
     app = _app(dict(CONFIG, installation_rating_a=40))  # above the hardware rating
-    assert app.config_errors == ["installation_rating_a: 40 is above hardware_rating_a 32"]
+    assert list(app.config_errors) == ["installation_rating_a: 40 is above hardware_rating_a 32"]
     gw = Gateway(app)
     gw.boot(ACCEPTED)
     text = _file()

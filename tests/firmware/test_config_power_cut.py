@@ -68,7 +68,7 @@ def test_the_column_boots_with_it_and_is_not_faulted():
     _cut_between_remove_and_rename()
     machine.board.clear()
     column = firmware_app.App(machine, "column.json", use_wdt=False, log=lambda *a: None)
-    assert column.config_errors == [] and column.cfg["column_id"] == "col-8"
+    assert not column.config_errors and column.cfg["column_id"] == "col-8"
     assert column.ctl.limits.failsafe_da == 160
 
 

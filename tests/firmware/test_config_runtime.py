@@ -119,4 +119,4 @@ def test_the_running_column_changes_a_key_without_loading_the_validator():
     gc.collect()
     machine.board.clear()
     again = firmware_app.App(machine, "column.json", use_wdt=False, log=lambda *a: None)
-    assert again.config_errors == [] and again.cfg["failsafe_a"] == 16 and again.cfg["meter_stale_s"] == 9
+    assert not again.config_errors and again.cfg["failsafe_a"] == 16 and again.cfg["meter_stale_s"] == 9

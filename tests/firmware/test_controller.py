@@ -90,7 +90,7 @@ def test_no_offer_without_a_vehicle():
     rig.run(200)
     c = rig.ctl
     assert c.cp_state == CP_A and c.duty == DUTY_NO_CURRENT and c.offered_da == 0
-    assert c.limit_da == 60 and c.limit_source == SRC_FAILSAFE and c.failsafe_active
+    assert c.limits.offered == 60 and c.limit_source == SRC_FAILSAFE and c.failsafe_active
 
 
 def test_heartbeat_loss_via_the_controller():
@@ -126,12 +126,12 @@ def test_cable_and_ratings_bind():
         assert (rig.ctl.offered_da, rig.ctl.limit_source) == (limit, source), hw
 
 
-def test_invalid_pp_is_flagged_and_offers_nothing():
+def test_invalid_pp_reports_no_cable_and_offers_nothing():
     rig = Rig(cfg(), pp_ohms=3000)
     rig.ev = CP_B
     rig.run(200)
     c = rig.ctl
-    assert c.pp_invalid and c.cable_da == 0
+    assert c.cable_da == 0
     assert c.offered_da == 0 and not c.pwm_on and c.status == ST_SUSPENDED_EVSE
     assert c.limit_source == SRC_CABLE
 
@@ -152,18 +152,24 @@ def test_fail_drives_state_f_and_opens():
 def test_disable_reports_unavailable_and_safety_source():
     rig = Rig(cfg())
     rig.ev = CP_B
-    rig.ctl.set_enabled(False)
+    rig.ctl.limits.set_enabled(False)
     rig.run(200)
     c = rig.ctl
     assert c.status == ST_UNAVAILABLE and c.limit_source == SRC_SAFETY and c.offered_da == 0
     assert c.error == ERR_NONE
 
 
-def test_currents_take_the_highest_phase():
-    c = Controller(cfg())
-    c.step(0, 9000, 9000, 680, 12, 57, 31, True, 0, False, False)
-    assert c.i_max_da == 57
-    assert c.cp_raw == CP_B
+def test_overdraw_is_judged_on_the_highest_phase():
+    # No offer signalled: 0.5 A (the default offset) is all a phase may draw.
+    for currents, over in (((0, 6, 0), True), ((6, 3, 4), True), ((0, 0, 6), True),
+                           ((5, 5, 5), False)):
+        c = Controller(cfg(overdraw_grace_s=0))
+        for t in range(0, 100, 10):             # CP state B debounced: no end_session() any more
+            c.step(t, 9000, 9000, 680, 0, 0, 0, True, 0, False, False)
+        assert c.cp_state == CP_B
+        for t in (100, 110):
+            c.step(t, 9000, 9000, 680, currents[0], currents[1], currents[2], True, 0, False, False)
+        assert c.limits.overdraw_suspended == over, currents
 
 
 def test_contactor_only_in_c_with_the_pilot_on():

@@ -154,7 +154,7 @@ def test_sdm120_cycle_reproduces_recorded_exchange():
     assert m.current_da == [100, 0, 0]
     assert m.power_phase_w == [2311, 0, 0] and m.power_w == 2311
     assert (m.freq_chz, m.energy_wh, m.export_wh, m.last_ok_ms) == (5001, 12500, 250, now)
-    assert (m.requests, m.replies, m.phases) == (4, 4, 1)
+    assert (m.requests, m.replies) == (4, 4)
     assert not m.poll(now + 100)                       # next cycle one interval after the first
     assert m.poll(1000)
     assert bus.sent[-1] == hexbytes(STD_REQUEST)

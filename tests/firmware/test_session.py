@@ -349,7 +349,7 @@ def test_remote_stop_finishes_until_unplug():
     rig = Rig(cfg())
     rig.charging()
     rig.events()
-    rig.ctl.remote_stop()
+    rig.ctl.session.remote_stop()
     rig.step()
     assert rig.ctl.status == ST_FINISHING and not rig.ctl.pwm_on
     assert rig.events()[-1][3] == STOP_REMOTE
@@ -368,11 +368,11 @@ def test_disable_is_unavailable_and_stops_the_session():
     rig = Rig(cfg())
     rig.charging()
     rig.events()
-    rig.ctl.set_enabled(False)
+    rig.ctl.limits.set_enabled(False)
     rig.step()
     assert rig.ctl.status == ST_UNAVAILABLE and not rig.ctl.pwm_on
     assert rig.events() == [(EV_SESSION_STOP, 1, rig.energy_wh, STOP_REMOTE)]
-    rig.ctl.set_enabled(True)
+    rig.ctl.limits.set_enabled(True)
     rig.run(100)
     assert rig.ctl.session_id == 2 and rig.ctl.status == ST_CHARGING
 

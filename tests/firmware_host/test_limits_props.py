@@ -141,7 +141,7 @@ def check_sequence(seq):
                     return "set_failsafe(%r) applied %r" % (e[1], r)
                 fs = e[1]
         elif kind == "enable":
-            ctl.set_enabled(e[1])
+            ctl.limits.set_enabled(e[1])
             enabled = e[1]
         elif kind == "pp":
             pp = e[1]
@@ -154,7 +154,7 @@ def check_sequence(seq):
         elif kind == "diode":
             diode = e[1]
         elif kind == "stop":
-            ctl.remote_stop()
+            ctl.session.remote_stop()
     return None
 
 

@@ -108,7 +108,6 @@ _BOOK_REASONS = {R_NOT_FINITE: Reason.NOT_FINITE, R_NEGATIVE: Reason.OUT_OF_RANG
 _FAILSAFE_TOLERANCE_A = 0.05
 _CONFIRM_GRACE_MS = 3000      # a reading may predate a write by this much
 _VALIDITY_SLACK_S = 5.0       # a column's validity left may trail ours by this much (rounding, delays)
-_READBACK_GRACE_MS = 200      # a column shows a write in its input registers after its next steps
 _READBACK_SLACK_S = 2.0       # validity read back after a broadcast: whole seconds + the poll's age
 _MIN_STEP_GAP_S = 0.05        # event-driven steps at most this often
 ACK_WAIT_S = 2.0              # a command's ack waits this long for the columns' writes
@@ -649,7 +648,10 @@ class GatewayService:
                                                                                  view.applied_a))
             view.need_sync = True
             self._wake()
-        if view.unconfirmed_ms and r.ts_ms > view.unconfirmed_ms + _READBACK_GRACE_MS:
+        # A reply stamped after the broadcast's result was polled after its turnaround (one
+        # exchange at a time on the line, the broadcast's wait included): the column has had
+        # the time to act on it. The bus polls a broadcast's columns first after it.
+        if view.unconfirmed_ms and r.ts_ms > view.unconfirmed_ms:
             self._confirm_broadcast(view, r)
         if now - view.written_ms < _CONFIRM_GRACE_MS:
             return

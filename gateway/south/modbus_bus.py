@@ -637,6 +637,12 @@ class ModbusRtuBus:
                 await asyncio.sleep(self.timing.broadcast_s(write_multiple_request_bytes(len(frame.values)),
                                                             self.config.broadcast_turnaround_s))
                 ok, reason = True, REASON_OK
+                # Nobody answers a broadcast: its columns are polled first after it, and
+                # their replies show whether each one took it (the gateway re-sends, answered,
+                # to one that did not). Their polls move earlier, none is added.
+                now = self._clock()
+                for cid in frame.column_ids:
+                    self.schedule.advance(("poll", cid), now)
             except ExchangeError as exc:
                 ok, reason = False, exc.reason
             finally:

@@ -148,6 +148,12 @@ class PollSchedule(Generic[K, U]):
         if period_s is not None and now is not None:
             job.due = min(job.due, now + period_s * self.stretch())
 
+    def advance(self, key: K, now: float) -> None:
+        """Run a job at the next opportunity (its slot moves there): no extra run, an earlier one."""
+        job = self._jobs.get(key)
+        if job is not None:
+            job.due = min(job.due, now)
+
     def remove(self, key: K) -> None:
         self._jobs.pop(key, None)
         self._demand = None

@@ -164,6 +164,23 @@ def test_broadcast_table_updates_all_columns_in_one_frame(line: Line) -> None:
     assert [c.slave.broadcasts for c in line.columns] == [1, 1, 1]
 
 
+def test_a_broadcasts_columns_are_polled_first_after_it(line: Line) -> None:
+    """Nobody answers a broadcast: the next polls are its columns', whose replies show whether
+    each took it, long before their slots in a slow poll cycle would come round."""
+    async def main() -> None:
+        # Polls spread over 30 s: c1 at once, c2 in 10 s, c3 in 20 s.
+        async with bus_for(line.pair.a_path, period_s=30.0) as bus:
+            await readings_from_all(bus, {"c1"})
+            assert bus.stats.polls == 1
+            results = await bus.set_limits([LimitCommand("c2", 16, 60), LimitCommand("c3", 10, 60)])
+            assert [r.via for r in results] == ["broadcast", "broadcast"]
+            await readings_from_all(bus, {"c2", "c3"}, timeout_s=2.0)   # not in 10 and 20 s
+            await asyncio.sleep(0.3)
+            assert bus.stats.polls == 3     # earlier polls, not extra ones: c1's next is 30 s away
+
+    asyncio.run(main())
+
+
 def test_without_broadcast_each_column_gets_its_own_confirmed_write(line: Line) -> None:
     async def main() -> None:
         async with bus_for(line.pair.a_path, period_s=5.0, broadcast=False) as bus:

@@ -154,6 +154,20 @@ def test_urgent_first_then_due_jobs_and_wait_times() -> None:
     assert sched.take(0.6) is None and sched.wait_s(0.6) == pytest.approx(0.6)   # b next at 1.2
 
 
+def test_an_advanced_job_runs_at_the_next_opportunity_and_keeps_its_period() -> None:
+    sched: PollSchedule[str, str] = PollSchedule()
+    sched.add("a", 1.0, 0.01, now=0.0, phase_s=0.2)
+    sched.add("b", 1.0, 0.01, now=0.0, phase_s=0.8)
+    assert [sched.take(0.3).key, sched.take(0.3)] == ["a", None]   # type: ignore[union-attr]
+    sched.advance("b", 0.3)          # due at 0.8: now instead
+    sched.advance("missing", 0.3)    # not a job: nothing
+    due = sched.take(0.3)
+    assert due is not None and due.key == "b" and due.late_s == 0.0
+    assert sched.take(0.3) is None and sched.wait_s(0.3) == pytest.approx(0.9)   # a at 1.2
+    assert sched.take(1.2).key == "a" and sched.take(1.3).key == "b"              # type: ignore[union-attr]
+    assert sched.runs("b") == 2      # an earlier run, not an extra one
+
+
 def test_a_job_a_whole_period_behind_is_not_run_in_a_burst() -> None:
     sched: PollSchedule[str, str] = PollSchedule()
     sched.add("a", 1.0, 0.01, now=0.0)

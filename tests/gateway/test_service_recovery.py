@@ -148,8 +148,8 @@ def test_a_broadcast_decrease_is_confirmed_by_the_next_poll_or_written_again(tmp
         assert not view.need_sync, result        # no extra write on the bus for now
     sent = view.unconfirmed_ms
     before = replace(view)
-    # A reading polled before the column could act on the broadcast says nothing.
-    service._check_column_limits(view, _reading(10.0, "gateway", sent + 50, remaining_s=3), sent + 60)
+    # A reading from before the broadcast's result says nothing about it.
+    service._check_column_limits(view, _reading(10.0, "gateway", sent - 5, remaining_s=3), sent + 60)
     assert view.unconfirmed_ms == sent and not view.need_sync
     # The next poll shows the offer within the new limit and the validity restarted: confirmed.
     service._check_column_limits(view, _reading(10.0, "gateway", sent + 900, remaining_s=29), sent + 910)

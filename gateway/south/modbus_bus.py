@@ -4,11 +4,13 @@ One task owns the line. It polls every column's input registers on a bus-time-aw
 schedule (:mod:`gateway.south.schedule`), sends heartbeats, and turns each reply into a
 :class:`ColumnReading` event. :meth:`ModbusRtuBus.set_limits` does not wait for the next
 poll: its writes jump the queue and go out at the next exchange boundary, as one
-broadcast table frame (unit 0, FC16, no reply) when several columns change together and
-the bus allows it, else as one FC16 per column to HR_ASSIGNED_LIMIT.. (confirmed by the
-echo). A column that times out, answers with a bad CRC, an exception or a reply of the
-wrong size is counted per reason; after `offline_after` failed polls in a row it is
-offline (polled slowly, no heartbeats) until its first good reply.
+broadcast table frame (unit 0, FC16, no reply) when several columns change together, the
+bus allows it and no damaged reply was seen for `broadcast_quiet_s` (noise loses a broadcast
+silently), else as one FC16 per column to HR_ASSIGNED_LIMIT.. (confirmed by the echo). A
+broadcast's columns are polled first after it: their replies show whether each took it.
+A column that times out, answers with a bad CRC, an exception or a reply of the wrong size
+is counted per reason; after `offline_after` failed polls in a row it is offline (polled
+slowly, no heartbeats) until its first good reply.
 
 The request machinery (:class:`Requester`, :class:`EventSink`, :func:`plan_limits`) is
 shared with the Modbus TCP adapter.
@@ -220,6 +222,7 @@ class SouthStats:
     heartbeats: int = 0
     unicast_writes: int = 0
     broadcast_frames: int = 0
+    broadcasts_held: int = 0            # limit writes sent answered instead: the line was noisy
     reads_for_others: int = 0      # e.g. the site meter on the same bus
     connects: int = 0
     events_dropped: int = 0        # queue full: oldest event dropped
@@ -351,6 +354,7 @@ class RtuBusConfig:
     broadcast: bool = True               # the columns on this bus take the broadcast limit table
     broadcast_min_columns: int = 2
     broadcast_turnaround_s: float = 0.1  # silence after a broadcast so every slave can act on it
+    broadcast_quiet_s: float = 30.0      # no broadcast until this long after a damaged reply
     slave_turnaround_s: float = 0.005    # a column's reply latency, for the bus budget
     response_margin_s: float = 0.1       # added to the wire time for automatic timeouts
     offline_after: int = 3               # failed polls in a row
@@ -398,6 +402,7 @@ class UrgentJob:
 
 
 Key = tuple[str, str]   # ("poll" | "heartbeat", column_id)
+_NOISE_REASONS = (REASON_CRC, REASON_GARBLED)
 
 
 class ModbusRtuBus:
@@ -436,6 +441,7 @@ class ModbusRtuBus:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._backoff = Backoff(config.reconnect_base_s, config.reconnect_max_s)
+        self._noise_at: float | None = None   # clock of the last damaged reply (CRC, garbled)
 
     # -- lifetime ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -483,7 +489,12 @@ class ModbusRtuBus:
 
     async def set_limits(self, commands: Sequence[LimitCommand]) -> list[LimitResult]:
         """Write limits now (ahead of any poll). One result per column, command order."""
-        plan = plan_limits(commands, self._addresses, broadcast=self.config.broadcast,
+        # A broadcast is lost with any one of its bytes and nobody says so: on a line that
+        # damaged replies lately, limits go as answered writes until it has been quiet a while.
+        noisy = self._line_noisy()
+        if noisy:
+            self.stats.broadcasts_held += 1
+        plan = plan_limits(commands, self._addresses, broadcast=self.config.broadcast and not noisy,
                            min_columns=self.config.broadcast_min_columns)
         results = dict(plan.results)
         if plan.broadcasts or plan.unicasts:
@@ -590,11 +601,17 @@ class ModbusRtuBus:
                 return await op()
             except ExchangeError as exc:
                 last = exc
+                if exc.reason in _NOISE_REASONS:
+                    self._noise_at = self._clock()
                 if exc.reason == REASON_DISCONNECTED:
                     break
             finally:
                 self.schedule.record_busy(t0, self._clock())
         raise last
+
+    def _line_noisy(self) -> bool:
+        """Damaged replies seen lately (not silence: a dead column only times out)."""
+        return self._noise_at is not None and self._clock() - self._noise_at < self.config.broadcast_quiet_s
 
     async def _poll(self, col: _Column) -> None:
         self.stats.polls += 1

@@ -317,6 +317,28 @@ def test_a_column_answering_garbage_is_counted_and_leaves_the_others_alone(mode:
         assert corrupter.damaged >= 2
 
 
+def test_on_a_line_damaging_replies_limits_go_answered_until_it_is_quiet() -> None:
+    """A broadcast is lost with any one of its bytes and nobody says so: after a damaged reply
+    the limits go as answered writes, and broadcasts come back once the line is quiet again."""
+    corrupter = Corrupter(2, "crc")
+    columns = [FirmwareColumn(1), FirmwareColumn(2), FirmwareColumn(3)]
+    with SerialPair(manipulator=corrupter) as pair, RtuColumnBus(pair.b_path, columns):
+        async def main() -> None:
+            async with bus_for(pair.a_path, broadcast_quiet_s=0.5) as bus:
+                await wait_event(bus, is_link("c2", False))     # c2's replies arrive damaged
+                results = await bus.set_limits([LimitCommand("c1", 16, 60), LimitCommand("c3", 10, 60)])
+                assert [(r.via, r.ok) for r in results] == [("unicast", True), ("unicast", True)]
+                assert bus.stats.broadcasts_held == 1 and bus.stats.broadcast_frames == 0
+                corrupter.mode = "none"                           # the line is clean again
+                await wait_event(bus, is_link("c2", True))
+                await asyncio.sleep(0.6)
+                results = await bus.set_limits([LimitCommand("c1", 12, 60), LimitCommand("c3", 8, 60)])
+                assert [r.via for r in results] == ["broadcast", "broadcast"]
+                assert bus.stats.broadcast_frames == 1
+        asyncio.run(main())
+    assert [list(c.holding[0:2]) for c in (columns[0], columns[2])] == [[120, 60], [80, 60]]
+
+
 def test_a_missing_serial_device_reports_every_column_offline() -> None:
     async def main() -> None:
         async with bus_for("/dev/does-not-exist-rs485", reconnect_base_s=0.01, reconnect_max_s=0.02) as bus:

@@ -20,7 +20,7 @@ import cbor2
 
 from firmware import cbor, messages
 from firmware.frames import SYNC, encode_frame
-from fuzz import mutate
+from fuzz import mutate, segments
 from fuzz.fw import cbor_harness, common
 from fuzz.fw.common import LATER, PERIODIC, QUIET
 from fuzz.targets.firmware_target import FirmwareTarget
@@ -144,7 +144,7 @@ def mutate_segments(rng: random.Random, value: bytes, corpus: Sequence[bytes]) -
     if r < 0.5:
         parts[i] = (flags, mutate_burst(rng, body))
     elif r < 0.6:
-        parts[i] = (rng.randrange(256) if rng.random() < 0.3 else flags ^ (1 << rng.randrange(6)), body)
+        parts[i] = (segments.flip_flags(rng, flags), body)
     elif r < 0.78:
         parts.insert(rng.randrange(1, len(parts) + 1), (rng.choice((QUIET, PERIODIC, 0, QUIET | 3 << 3)),
                                                         random_call(rng)))
@@ -153,12 +153,9 @@ def mutate_segments(rng: random.Random, value: bytes, corpus: Sequence[bytes]) -
     elif r < 0.88:
         parts.insert(i, parts[i])
     elif r < 0.94 and len(body) > 1:
-        k = rng.randrange(1, len(body))
-        parts[i:i + 1] = [(flags & ~QUIET, body[:k]), (flags, body[k:])]
+        segments.split(rng, parts, i)
     elif r < 0.98:
-        other = common.segments(rng.choice(corpus))
-        if other:
-            parts.insert(rng.randrange(len(parts) + 1), rng.choice(other))
+        segments.splice(rng, parts, corpus)
     else:
         return mutate.mutate_bytes(rng, value, max_len=4096)
     return common.encode(parts[:10])

@@ -34,6 +34,7 @@ import cbor2
 from firmware import cbor, messages, status
 from firmware.cbor_link import Link
 from firmware.frames import encode_frame
+from fuzz import segments
 from fuzz.engine import Finding, Harness, Target
 from fuzz.fw import cbor_harness, common
 from fuzz.fw.common import LATER, PERIODIC, QUIET
@@ -306,16 +307,13 @@ class CborGatewayTarget(Target[bytes]):
             if r < 0.55:
                 parts[i] = (flags, mutate_burst(rng, body))
             elif r < 0.65:
-                new = rng.randrange(256) if rng.random() < 0.3 else flags ^ (1 << rng.randrange(6))
-                parts[i] = (new, body)
+                parts[i] = (segments.flip_flags(rng, flags), body)
             elif r < 0.75 and len(parts) > 1:
                 del parts[i]
             elif r < 0.85:
                 parts.insert(i, parts[i])
             elif r < 0.95:
-                other = common.segments(rng.choice(corpus))
-                if other:
-                    parts.insert(rng.randrange(len(parts) + 1), rng.choice(other))
+                segments.splice(rng, parts, corpus)
             else:
                 parts.insert(i, (QUIET, encode_frame(rng.choice(HOSTILE_CBOR))))
             value = common.encode(parts[:6])

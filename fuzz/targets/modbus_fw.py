@@ -24,7 +24,7 @@ from pymodbus.pdu.register_message import (
 )
 
 from firmware import regmap
-from fuzz import mutate
+from fuzz import mutate, segments
 from fuzz.fw import common, modbus_harness
 from fuzz.fw.common import LATER, PERIODIC, QUIET
 from fuzz.targets.firmware_target import FirmwareTarget
@@ -132,7 +132,7 @@ def mutate_segments(rng: random.Random, value: bytes, corpus: Sequence[bytes]) -
         body = mutate.mutate_bytes(rng, body, max_len=600)
         parts[i] = (flags, _fix_crc(body) if rng.random() < 0.6 else body)
     elif r < 0.45:
-        parts[i] = (rng.randrange(256) if rng.random() < 0.3 else flags ^ (1 << rng.randrange(6)), body)
+        parts[i] = (segments.flip_flags(rng, flags), body)
     elif r < 0.65:
         parts.insert(rng.randrange(len(parts) + 1), (rng.choice((QUIET, QUIET, 0, QUIET | 1 << 3)),
                                                      random_request(rng)))
@@ -141,14 +141,11 @@ def mutate_segments(rng: random.Random, value: bytes, corpus: Sequence[bytes]) -
     elif r < 0.78:
         parts.insert(i, parts[i])
     elif r < 0.86 and len(body) > 1:   # one burst split: a frame across reads with no gap
-        k = rng.randrange(1, len(body))
-        parts[i:i + 1] = [(flags & ~QUIET, body[:k]), (flags, body[k:])]
+        segments.split(rng, parts, i)
     elif r < 0.92 and i + 1 < len(parts):   # two bursts joined: frames back to back
         parts[i:i + 2] = [(parts[i + 1][0], body + parts[i + 1][1])]
     elif r < 0.97:
-        other = common.segments(rng.choice(corpus))
-        if other:
-            parts.insert(rng.randrange(len(parts) + 1), rng.choice(other))
+        segments.splice(rng, parts, corpus)
     else:
         return mutate.mutate_bytes(rng, value, max_len=4096)
     return common.encode(parts[:64])

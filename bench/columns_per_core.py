@@ -400,6 +400,13 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
                      f"holds the event loop about {step_us} µs per column (slope of its p50 over N): "
                      f"{step_us:.0f} ms at 1,000 columns, 100 ms at about "
                      f"{int(100_000 / step_us):,} columns.")
+    gc_top = top.get("gc")
+    if gc_top:
+        notes.append(f"Garbage collector at {top['columns']} columns: {sum(gc_top['collections'])} "
+                     f"collections (by generation {', '.join(str(c) for c in gc_top['collections'])}) took "
+                     f"{100 * sum(gc_top['s']) / top['window_s']:.1f} % of a core, the longest "
+                     f"{gc_top['max_ms']} ms (the loop held: poll lateness); the service freezes its "
+                     "long-lived objects at start (gc.freeze).")
     if r["memory_per_column_kb"] is not None:
         notes.append(f"Memory: {r['memory_per_column_kb']} KB of RSS per column (slope over the same steps).")
     if r.get("farm_cpu_us_per_request"):

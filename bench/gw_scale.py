@@ -10,7 +10,8 @@ wrapped here to record it, nothing else is changed); how long each telemetry rou
 how long each of its slices holds the event loop (GatewayService.telemetry_round,
 _column_telemetry and the outbox transaction, timed the same way); how long each control step
 holds it (GatewayService._safe_step); polls, telemetry messages acknowledged by the broker, the
-outbox backlog, poll cycles skipped, events dropped, RSS. With --profile, cProfile records the
+outbox backlog, poll cycles skipped, events dropped, RSS, and each garbage collection's pause
+(gc.callbacks). With --profile, cProfile records the
 event loop's thread during the window. It writes OUT.json, then stops the service cleanly.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import resource
@@ -36,6 +38,7 @@ LATE_S: list[float] = []
 TELEMETRY_S: list[float] = []   # one telemetry round, start to end (the loop is free between its slices)
 SLICE_S: list[float] = []       # one slice of a round: payloads built and queued, the loop held
 STEP_S: list[float] = []        # one control step (allocation over every column), the loop held
+GC_S: list[list[float]] = [[], [], []]   # each garbage collection's pause, by generation
 
 
 def _record_telemetry() -> None:
@@ -89,6 +92,20 @@ def _record_lateness() -> None:
     PollSchedule.take = measured  # type: ignore[method-assign]
 
 
+def _record_gc() -> None:
+    """Time every collection of the cyclic garbage collector (gc.callbacks), by generation: a
+    full collection walks every long-lived object of thousands of columns."""
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            GC_S[info["generation"]].append(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(on_gc)
+
+
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds of each thread of this process, by thread name (the event loop's thread is
     MainThread, paho's network loop is paho-mqtt-client-*, asyncio.to_thread workers asyncio_N)."""
@@ -137,6 +154,8 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     TELEMETRY_S.clear()
     SLICE_S.clear()
     STEP_S.clear()
+    for pauses in GC_S:
+        pauses.clear()
     samples = []
     if profile is not None:
         profile.enable()
@@ -167,6 +186,8 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
         "telemetry_round_ms": [round(1000 * x, 2) for x in TELEMETRY_S],
         "telemetry_slice_ms": [round(1000 * x, 2) for x in SLICE_S],
         "control_step_ms": [round(1000 * x, 2) for x in STEP_S],
+        "gc": {"collections": [len(x) for x in GC_S], "s": [round(sum(x), 4) for x in GC_S],
+               "max_ms": round(1000 * max((p for x in GC_S for p in x), default=0.0), 2)},
         "lateness_s": late[:: max(1, len(late) // 20000)],   # at most ~20k samples back
         "skipped_cycles": sum(ch.schedule.skipped_cycles for ch in channels.values()) - skipped0,
         "rss_kb": rss_kb(),
@@ -208,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     _record_lateness()
     _record_telemetry()
     _record_control_steps()
+    _record_gc()
     asyncio.run(main_async(args))
     return 0
 

@@ -290,13 +290,22 @@ class ModbusTcpColumns:
 
     async def _poll(self, ch: _Channel) -> None:
         self.stats.polls += 1
-        op = partial(ch.requester.read_input, ch.cfg.unit, 0, regmap.POLL_COUNT, ch.cfg.timeout_s)
-        try:
-            regs = await self._attempts(ch, op, None if ch.tracker.link.online else 0)
+        cfg = ch.cfg
+        try:   # the first attempt inline: this runs for every column every second
+            regs = await ch.requester.read_input(cfg.unit, 0, regmap.POLL_COUNT, cfg.timeout_s)
         except ExchangeError as exc:
-            self.stats.poll_failures += 1
-            self._note_failure(ch, exc)
-            return
+            if exc.reason == REASON_DISCONNECTED or not cfg.retries or not ch.tracker.link.online:
+                self.stats.poll_failures += 1
+                self._note_failure(ch, exc)
+                return
+            self.stats.retries += 1
+            op = partial(ch.requester.read_input, cfg.unit, 0, regmap.POLL_COUNT, cfg.timeout_s)
+            try:
+                regs = await self._attempts(ch, op, cfg.retries - 1)
+            except ExchangeError as exc2:
+                self.stats.poll_failures += 1
+                self._note_failure(ch, exc2)
+                return
         now_ms = self._now_ms()
         self._note_ok(ch, now_ms)
         self.sink.emit(decode_inputs(ch.cfg.column_id, regs, now_ms))

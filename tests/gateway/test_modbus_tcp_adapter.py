@@ -208,6 +208,40 @@ def image_server(arrivals: dict[int, list[float]]) -> Callable[[asyncio.StreamRe
     return serve
 
 
+def test_a_lost_poll_reply_is_retried_and_the_column_stays_online() -> None:
+    """A column that ignores every second request: each poll whose first request goes unanswered
+    is asked again at once (retries=1), so the column keeps reporting and never goes offline."""
+    async def every_other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for n in itertools.count():
+                frame = await reader.readexactly(12)
+                if n % 2:
+                    continue
+                pdu = bytes((4, 2 * regmap.POLL_COUNT)) + bytes(2 * regmap.POLL_COUNT)
+                writer.write(frame[0:4] + (len(pdu) + 1).to_bytes(2, "big") + frame[6:7] + pdu)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(every_other, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tcp = ModbusTcpColumns([TcpColumn("r", "127.0.0.1", port, poll_period_s=0.05, timeout_s=0.05,
+                                          retries=1)], FAST)
+        readings = 0
+        async with tcp:
+            async with asyncio.timeout(5):
+                while readings < 6:
+                    event = await tcp.events.get()
+                    assert not (isinstance(event, ColumnLink) and not event.online), event
+                    readings += isinstance(event, ColumnReading)
+            assert tcp.stats.retries >= 4 and tcp.stats.poll_failures == 0
+            assert tcp.link("r").online and tcp.connects("r") == 1
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+
 def test_the_columns_polls_are_spread_over_the_period() -> None:
     """Ten columns polled every 0.5 s: after the first poll at connect, each column keeps its own
     slot in the period, so the requests arrive evenly, not in a burst of ten every period."""

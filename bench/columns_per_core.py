@@ -400,6 +400,15 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
                      f"holds the event loop about {step_us} µs per column (slope of its p50 over N): "
                      f"{step_us:.0f} ms at 1,000 columns, 100 ms at about "
                      f"{int(100_000 / step_us):,} columns.")
+    parts = top.get("breakdown_us_per_column_s")
+    if parts:
+        names = {"polls_and_rest": "polls (south adapter, asyncio, sockets) and the rest",
+                 "telemetry_slices": "telemetry payloads built and queued in the outbox",
+                 "control_step": "the control step", "readings_handled": "readings handled by the service",
+                 "mqtt_publishing": "MQTT (paho reading PUBACKs, outbox rows handed to paho and deleted)",
+                 "other_threads": "other threads", "garbage_collector": "the garbage collector"}
+        notes.append(f"Where the CPU per column and second went at {top['columns']} columns: " + ", ".join(
+            f"{names.get(k, k)} {v} µs" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])) + ".")
     gc_top = top.get("gc")
     if gc_top:
         notes.append(f"Garbage collector at {top['columns']} columns: {sum(gc_top['collections'])} "

@@ -10,8 +10,8 @@ wrapped here to record it, nothing else is changed); how long each telemetry rou
 how long each of its slices holds the event loop (GatewayService.telemetry_round,
 _column_telemetry and the outbox transaction, timed the same way); how long each control step
 holds it (GatewayService._safe_step); polls, telemetry messages acknowledged by the broker, the
-outbox backlog, poll cycles skipped, events dropped, RSS, and each garbage collection's pause
-(gc.callbacks). With --profile, cProfile records the
+outbox backlog, poll cycles skipped, events dropped, RSS, each garbage collection's pause
+(gc.callbacks), and from these where the CPU per column went. With --profile, cProfile records the
 event loop's thread during the window. It writes OUT.json, then stops the service cleanly.
 """
 
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import load_config
+from gateway.north.publisher import Publisher
 from gateway.service import GatewayService
 from gateway.south.schedule import Due, PollSchedule
 
@@ -39,6 +40,7 @@ TELEMETRY_S: list[float] = []   # one telemetry round, start to end (the loop is
 SLICE_S: list[float] = []       # one slice of a round: payloads built and queued, the loop held
 STEP_S: list[float] = []        # one control step (allocation over every column), the loop held
 GC_S: list[list[float]] = [[], [], []]   # each garbage collection's pause, by generation
+TIMED_S: dict[str, float] = {}  # seconds spent in parts of the service (_record_time_in), summed
 
 
 def _record_telemetry() -> None:
@@ -90,6 +92,28 @@ def _record_lateness() -> None:
         return due
 
     PollSchedule.take = measured  # type: ignore[method-assign]
+
+
+def _record_time_in(cls: Any, names: tuple[str, ...], part: str) -> None:
+    """Sum the time spent in methods `names` of `cls` into TIMED_S[part] (outermost calls only:
+    one may call another), to split the CPU per column between its parts."""
+    depth = [0]
+    TIMED_S[part] = 0.0
+
+    def wrap(method: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    TIMED_S[part] += time.perf_counter() - t0
+        return timed
+
+    for name in names:
+        setattr(cls, name, wrap(getattr(cls, name)))
 
 
 def _record_gc() -> None:
@@ -156,6 +180,8 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     STEP_S.clear()
     for pauses in GC_S:
         pauses.clear()
+    for part in TIMED_S:
+        TIMED_S[part] = 0.0
     samples = []
     if profile is not None:
         profile.enable()
@@ -173,6 +199,12 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
         profile.disable()
     stats1 = _counters(service)
     late = sorted(LATE_S)
+    per_col = 1e6 / (wall * max(1, n))   # seconds in the window -> µs per column and second
+    by_thread = {k: (v - threads0.get(k, 0.0)) for k, v in threads1.items()}
+    parts = {"control_step": sum(STEP_S), "telemetry_slices": sum(SLICE_S), **TIMED_S,
+             "garbage_collector": sum(sum(x) for x in GC_S),
+             "other_threads": cpu - by_thread.get("MainThread", cpu)}
+    parts["polls_and_rest"] = max(0.0, cpu - sum(parts.values()))
     return {
         "columns": n, "online": online, "online_after_s": round(online_s, 1),
         "window_s": round(wall, 2), "cpu_s": round(cpu, 3), "cpu_fraction": round(cpu / wall, 4),
@@ -191,6 +223,10 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
         "lateness_s": late[:: max(1, len(late) // 20000)],   # at most ~20k samples back
         "skipped_cycles": sum(ch.schedule.skipped_cycles for ch in channels.values()) - skipped0,
         "rss_kb": rss_kb(),
+        # Where the CPU went, µs per column and second: loop-held sections timed by wall clock
+        # (the loop thread runs them without waiting), paho's thread by its CPU; the rest is
+        # the polls (the south adapter, asyncio, sockets) and everything not timed.
+        "breakdown_us_per_column_s": {k: round(v * per_col, 1) for k, v in parts.items()},
         "telemetry_interval_s": service.telemetry_interval_s,
     }
 
@@ -230,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     _record_telemetry()
     _record_control_steps()
     _record_gc()
+    # The southbound events (a reading per poll) and the MQTT side (paho's reads, the outbox's
+    # messages handed to paho, PUBACKs deleting rows) run in the loop's thread: timed as parts.
+    _record_time_in(GatewayService, ("_on_south",), "readings_handled")
+    _record_time_in(Publisher, ("_readable", "_fill", "_flush_acks"), "mqtt_publishing")
     asyncio.run(main_async(args))
     return 0
 

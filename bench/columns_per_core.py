@@ -403,7 +403,7 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
     parts = top.get("breakdown_us_per_column_s")
     if parts:
         names = {"polls_and_rest": "polls (south adapter, asyncio, sockets) and the rest",
-                 "telemetry_slices": "telemetry payloads built and queued in the outbox",
+                 "telemetry_slices": "telemetry built and queued in the outbox (with its fsync wait)",
                  "control_step": "the control step", "readings_handled": "readings handled by the service",
                  "mqtt_publishing": "MQTT (paho reading PUBACKs, outbox rows handed to paho and deleted)",
                  "other_threads": "other threads", "garbage_collector": "the garbage collector"}

@@ -224,8 +224,9 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
         "skipped_cycles": sum(ch.schedule.skipped_cycles for ch in channels.values()) - skipped0,
         "rss_kb": rss_kb(),
         # Where the CPU went, µs per column and second: loop-held sections timed by wall clock
-        # (the loop thread runs them without waiting), paho's thread by its CPU; the rest is
-        # the polls (the south adapter, asyncio, sockets) and everything not timed.
+        # (the loop's thread runs them without waiting, except the telemetry slices' outbox
+        # commit, which waits for its fsync), other threads by their CPU; the rest is the polls
+        # (the south adapter, asyncio, sockets) and everything not timed.
         "breakdown_us_per_column_s": {k: round(v * per_col, 1) for k, v in parts.items()},
         "telemetry_interval_s": service.telemetry_interval_s,
     }

@@ -179,8 +179,9 @@ class Requester:
     async def write_single(self, unit: int, address: int, value: int, timeout_s: float) -> None:
         resp = await self._call(lambda: self.client.write_register(address, value, device_id=unit),
                                 timeout_s, WRITE_SINGLE_BYTES, 6)
-        if resp.address != address:
-            raise self._fail(REASON_WRONG_LENGTH, "echo address %d" % resp.address)
+        echo = (resp.address, resp.registers[0] if resp.registers else None)
+        if echo != (address, value):   # FC06 echoes address and value: both must be ours
+            raise self._fail(REASON_WRONG_LENGTH, "echo %s/%s" % echo)
 
     async def broadcast(self, address: int, values: Sequence[int]) -> None:
         """FC16 to unit 0: no reply comes, so nothing to wait for here."""

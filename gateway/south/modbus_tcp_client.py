@@ -194,10 +194,10 @@ class TcpRequester:
         return struct.unpack_from(">%dH" % count, pdu, 2)
 
     async def write_single(self, unit: int, address: int, value: int, timeout_s: float) -> None:
-        """FC06, confirmed by its echo."""
+        """FC06, confirmed by its echo of address and value."""
         request = _READ.pack(FC_WRITE_SINGLE, address, value)   # same shape as a read request
         pdu = await self._exchange(unit, FC_WRITE_SINGLE, request, timeout_s)
-        if len(pdu) != 5 or _ECHO.unpack_from(pdu, 1)[0] != address:
+        if len(pdu) != 5 or _ECHO.unpack_from(pdu, 1) != (address, value):
             raise self._fail(REASON_WRONG_LENGTH, "echo %s" % pdu[1:].hex())
 
     async def write_multiple(self, unit: int, address: int, values: Sequence[int], timeout_s: float) -> None:

@@ -124,6 +124,29 @@ def test_heartbeats_reach_every_column(line: Line) -> None:
     assert with_crc(bytes.fromhex("01 06 00 03 00 01")) in line.slaves.requests
 
 
+def test_a_single_write_echoed_with_another_value_is_not_confirmed() -> None:
+    """FC06 echoes address and value: a reply with the right address and CRC but another value
+    is not the confirmation of what was written."""
+    tampered = [0]
+
+    def other_value(direction: str, chunk: bytes) -> bytes:
+        if direction == "ba" and len(chunk) == 8 and chunk[:2] == b"\x02\x06":
+            tampered[0] += 1
+            return with_crc(chunk[:4] + bytes((chunk[4] ^ 0x80, chunk[5])))
+        return chunk
+
+    columns = [FirmwareColumn(a) for a in ADDRESSES]
+    with SerialPair(manipulator=other_value) as pair, RtuColumnBus(pair.b_path, columns):
+        async def main() -> None:
+            async with bus_for(pair.a_path, heartbeat_period_s=0.05) as bus:
+                async with asyncio.timeout(3):
+                    while bus.failures().get("wrong_length", 0) < 2 or bus.stats.heartbeats < 9:
+                        await asyncio.sleep(0.02)
+                assert tampered[0] >= 2 and bus.failures()["wrong_length"] <= tampered[0]
+                assert bus.column_failures("c1") == {} and bus.column_failures("c3") == {}
+        asyncio.run(main())
+
+
 # -- limits ----------------------------------------------------------------------------------
 
 def test_unicast_limit_is_in_the_holding_registers_when_set_limits_returns(line: Line) -> None:

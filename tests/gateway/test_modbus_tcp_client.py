@@ -104,6 +104,15 @@ def test_an_echo_that_does_not_match_is_wrong_length() -> None:
     run(lambda req: reply(req, bytes((req[7],)) + b"\x00\x05\x00\x09"), body)   # address 5, not 0/3
 
 
+def test_a_single_write_echoed_with_another_value_is_not_confirmed() -> None:
+    """FC06 echoes address and value: the right address with another value is a column that did
+    not take the value written (or a reply to another request), not a confirmation."""
+    async def body(r: TcpRequester, _seen: list[bytes]) -> None:
+        assert await failure(r.write_single(1, 3, 9, 1.0)) == ("wrong_length", "echo 0003000a")
+
+    run(lambda req: reply(req, b"\x06\x00\x03\x00\x0a"), body)   # address 3 as asked, value 10 not 9
+
+
 def test_a_reply_with_too_few_registers_is_wrong_length() -> None:
     async def body(r: TcpRequester, _seen: list[bytes]) -> None:
         reason, detail = await failure(r.read_input(1, 0, regmap.POLL_COUNT, 1.0))

@@ -41,8 +41,8 @@ from gateway.south.types import (
     REASON_GARBLED,
     REASON_OK,
     REASON_TIMEOUT,
+    ColumnAdapterBase,
     ColumnEvent,
-    ColumnLink,
     ColumnReading,
     LimitCommand,
     LimitResult,
@@ -362,7 +362,7 @@ def _validity(validity_s: float) -> int | None:
     return v if 0 <= v <= MAX_VALIDITY_S else None
 
 
-class CborColumns:
+class CborColumns(ColumnAdapterBase):
     """All CBOR-link columns of a site. `async with CborColumns(columns) as cbor:`; events
     arrive on `events` (bounded, oldest dropped and counted) and at `subscribe`d callbacks."""
 
@@ -400,25 +400,15 @@ class CborColumns:
             ch.task = None
             self._close(ch)
 
-    async def __aenter__(self) -> CborColumns:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     # -- what the service reads ----------------------------------------------------------------
     def subscribe(self, callback: Callable[[CborEvent], None]) -> None:
         self._callbacks.append(callback)
 
-    def link(self, column_id: str) -> ColumnLink:
-        return self._channels[column_id].tracker.link
+    def _tracker(self, column_id: str) -> LinkTracker:
+        return self._channels[column_id].tracker
 
     def column_info(self, column_id: str) -> ColumnBooted | None:
         return self._channels[column_id].info
-
-    def column_failures(self, column_id: str) -> dict[str, int]:
-        return dict(self._channels[column_id].tracker.failures_by_reason)
 
     def connects(self, column_id: str) -> int:
         return self._channels[column_id].connects

@@ -55,8 +55,8 @@ from gateway.south.types import (
     REASON_OK,
     REASON_TIMEOUT,
     REASON_WRONG_LENGTH,
+    ColumnAdapterBase,
     ColumnEvent,
-    ColumnLink,
     LimitCommand,
     LimitResult,
     LinkTracker,
@@ -406,7 +406,7 @@ Key = tuple[str, str]   # ("poll" | "heartbeat", column_id)
 _NOISE_REASONS = (REASON_CRC, REASON_GARBLED)
 
 
-class ModbusRtuBus:
+class ModbusRtuBus(ColumnAdapterBase):
     """The master of one RS-485 line. `async with ModbusRtuBus(cfg, columns) as bus:`
     (or start()/stop()); read `bus.events` or `subscribe(callback)`."""
 
@@ -461,22 +461,12 @@ class ModbusRtuBus:
         self.requester.close()
         self._fail_urgent(REASON_DISCONNECTED)
 
-    async def __aenter__(self) -> ModbusRtuBus:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     def subscribe(self, callback: Callable[[ColumnEvent], None]) -> None:
         self.sink.subscribe(callback)
 
     # -- what others ask -----------------------------------------------------------------
-    def link(self, column_id: str) -> ColumnLink:
-        return self._columns[column_id].tracker.link
-
-    def column_failures(self, column_id: str) -> dict[str, int]:
-        return dict(self._columns[column_id].tracker.failures_by_reason)
+    def _tracker(self, column_id: str) -> LinkTracker:
+        return self._columns[column_id].tracker
 
     def failures(self) -> dict[str, int]:
         return dict(self.requester.failures)

@@ -46,8 +46,8 @@ from gateway.south.types import (
     REASON_GARBLED,
     REASON_OK,
     REASON_TIMEOUT,
+    ColumnAdapterBase,
     ColumnEvent,
-    ColumnLink,
     LimitCommand,
     LimitResult,
     LinkTracker,
@@ -121,7 +121,7 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class ModbusTcpColumns:
+class ModbusTcpColumns(ColumnAdapterBase):
     """All Modbus TCP columns of a site. `async with ModbusTcpColumns(columns) as tcp:`."""
 
     def __init__(self, columns: Sequence[TcpColumn], config: TcpConfig | None = None, *,
@@ -168,21 +168,11 @@ class ModbusTcpColumns:
             ch.requester.close()
             self._fail_urgent(ch, REASON_DISCONNECTED)
 
-    async def __aenter__(self) -> ModbusTcpColumns:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     def subscribe(self, callback: Callable[[ColumnEvent], None]) -> None:
         self.sink.subscribe(callback)
 
-    def link(self, column_id: str) -> ColumnLink:
-        return self._channels[column_id].tracker.link
-
-    def column_failures(self, column_id: str) -> dict[str, int]:
-        return dict(self._channels[column_id].tracker.failures_by_reason)
+    def _tracker(self, column_id: str) -> LinkTracker:
+        return self._channels[column_id].tracker
 
     def connects(self, column_id: str) -> int:
         return self._channels[column_id].connects

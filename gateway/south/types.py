@@ -13,6 +13,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Self
 
 from firmware import regmap, regmap_tables, status
 
@@ -182,6 +183,33 @@ def decode_inputs(column_id: str, image: Sequence[int], ts_ms: int) -> ColumnRea
         online=True, flags_raw=flags, assigned_remaining_s=remaining, phases=phases,
         hardware_a=hardware / 10, cable_a=cable / 10, fw_version=_fw_version(version, patch),
         bad_frames=bad_frames, boots=boots, uptime_s=u_hi << 16 | u_lo)
+
+
+class ColumnAdapterBase:
+    """What every southbound adapter (RS-485 bus, Modbus TCP, CBOR) shares: it runs as an async
+    context (start/stop), and answers for each column's link from the column's LinkTracker."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def _tracker(self, column_id: str) -> LinkTracker:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    def link(self, column_id: str) -> ColumnLink:
+        return self._tracker(column_id).link
+
+    def column_failures(self, column_id: str) -> dict[str, int]:
+        return dict(self._tracker(column_id).failures_by_reason)
 
 
 @dataclass

@@ -10,15 +10,14 @@ first bytes) so a benchmark can add up the wire time of the frames actually sent
 
 from __future__ import annotations
 
-import os
-import select
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from firmware import regmap
 from gateway.south.schedule import BITS_PER_CHAR, LineTiming
-from hil.rig.bus_relay import BusRelay, write_all
+from hil.rig.bus_relay import BusRelay
+from hil.rig.fd_relay import write_all
 
 
 @dataclass(frozen=True)
@@ -48,44 +47,36 @@ class PacedBusRelay(BusRelay):
         self.timing = LineTiming(baud)
         self.frames: list[WireFrame] = []
         self._wire_free = 0.0
-        super().__init__(device_paths)   # starts the relay thread (our _run)
+        self._dead: set[int] = set()
+        super().__init__(device_paths)   # starts the relay thread
 
-    def _run(self) -> None:
-        master = self._master
-        dead: set[int] = set()
-        while True:
-            live = [d for d in self._devices if d not in dead]
-            ready, _, _ = select.select([master, *live, self._stop_r], [], [])
-            if self._stop_r in ready:
-                return
-            for fd in ready:
-                try:
-                    data = os.read(fd, 4096)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    if fd != master:
-                        # A device's line is gone (its column stopped): off the bus, or select
-                        # would report it ready for ever. BusRelay still closes it.
-                        dead.add(fd)
-                    continue
-                start = max(time.monotonic(), self._wire_free)
-                end = start + len(data) * BITS_PER_CHAR / self.baud
-                delay = end - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                self._wire_free = end
-                self.frames.append(WireFrame(start, end, fd == master, len(data), bytes(data[:6])))
-                if fd == master:
-                    self.to_columns += len(data)
-                    for dev in self._devices:
-                        if dev not in dead:
-                            write_all(dev, data)
-                else:
-                    self.to_gateway += len(data)
-                    write_all(master, data)
+    def _sources(self) -> Sequence[int]:
+        return (self._master, *(d for d in self._devices if d not in self._dead))
+
+    def _on_gone(self, src: int) -> None:
+        # A device's line is gone (its column stopped): off the bus, or select would report it
+        # ready for ever. close() still closes it.
+        if src != self._master:
+            self._dead.add(src)
+        else:
+            super()._on_gone(src)
+
+    def _on_chunk(self, src: int, chunk: bytes) -> None:
+        start = max(time.monotonic(), self._wire_free)
+        end = start + len(chunk) * BITS_PER_CHAR / self.baud
+        delay = end - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._wire_free = end
+        self.frames.append(WireFrame(start, end, src == self._master, len(chunk), bytes(chunk[:6])))
+        if src == self._master:
+            self.to_columns += len(chunk)
+            for dev in self._devices:
+                if dev not in self._dead:
+                    write_all(dev, chunk)
+        else:
+            self.to_gateway += len(chunk)
+            write_all(self._master, chunk)
 
     def wire_s(self, frame: WireFrame) -> float:
         """Wire time of a frame with the silence that must end it (1.75 ms above 19200 baud)."""

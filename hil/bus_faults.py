@@ -30,15 +30,13 @@ can be put in front of a line someone else opened, such as a virtual column's li
 
 from __future__ import annotations
 
-import os
 import random
-import select
-import termios
 import threading
 import time
-import tty
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from hil.rig.fd_relay import FdRelay, open_raw, write_all
 
 
 @dataclass
@@ -147,19 +145,7 @@ class BusFaults:
         return data
 
 
-def _open_raw(path: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    try:
-        tty.setraw(fd)
-        attrs = termios.tcgetattr(fd)
-        attrs[3] &= ~termios.ECHO
-        termios.tcsetattr(fd, termios.TCSANOW, attrs)
-    except termios.error:
-        pass  # not a tty: nothing to set
-    return fd
-
-
-class LineSplice:
+class LineSplice(FdRelay):
     """Join two existing line ends (device paths) with a plain relay, both ways.
 
     Use to put a `SerialPair` (with faults, with baud pacing) in front of a line end that
@@ -167,64 +153,22 @@ class LineSplice:
     end. `with LineSplice(x, y):` or `close()`; the relay thread stops, the fds close.
     """
 
+    thread_name = "line-splice"
+
     def __init__(self, path_x: str, path_y: str) -> None:
-        self._x = _open_raw(path_x)
+        super().__init__()
         try:
-            self._y = _open_raw(path_y)
-        except OSError:
-            os.close(self._x)
+            self._x = self._own(open_raw(path_x))
+            self._y = self._own(open_raw(path_y))
+        except BaseException:
+            self.close()
             raise
-        self._stop_r, self._stop_w = os.pipe()
-        self._closed = False
         self.moved = 0
-        self._thread = threading.Thread(target=self._relay, name="line-splice", daemon=True)
-        self._thread.start()
+        self._peer = {self._x: self._y, self._y: self._x}
+        self._start()
 
-    def _relay(self) -> None:
-        peer = {self._x: self._y, self._y: self._x}
-        while True:
-            try:
-                ready, _, _ = select.select([self._x, self._y, self._stop_r], [], [])
-            except (OSError, ValueError):
-                return
-            if self._stop_r in ready:
-                return
-            for src in ready:
-                try:
-                    chunk = os.read(src, 4096)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    time.sleep(0.002)  # EIO: the far side is closed for now (a reboot)
-                    continue
-                self._write(peer[src], chunk)
+    def _sources(self) -> Sequence[int]:
+        return (self._x, self._y)
 
-    def _write(self, dst: int, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        deadline = time.monotonic() + 1.0
-        while view and time.monotonic() < deadline:
-            try:
-                view = view[os.write(dst, view):]
-            except BlockingIOError:
-                select.select([], [dst], [], 0.05)
-            except OSError:
-                return  # nobody at the far end: a wire loses these bytes too
-        self.moved += len(chunk) - len(view)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        os.write(self._stop_w, b"x")
-        self._thread.join(timeout=2)
-        for fd in (self._x, self._y, self._stop_r, self._stop_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __enter__(self) -> LineSplice:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _on_chunk(self, src: int, chunk: bytes) -> None:
+        self.moved += write_all(self._peer[src], chunk, timeout_s=1.0)

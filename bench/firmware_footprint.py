@@ -337,8 +337,9 @@ def _notes(r: dict[str, Any], per_mode: dict[str, dict[str, Any]], modes: tuple[
         f"{_kb(r['all_modes_bundle_bytes'])}.",
         f"Headline heap figures: {r['link_mode']} (the highest peak of {', '.join(modes)}); heap figures "
         f"are from the 64-bit unix port with a {HEAP} heap (objects are larger than on a 32-bit board).",
-        f"code heap = firmware modules + asyncio (with the submodules the column loads on demand: "
-        f"asyncio.stream for a TCP server) + the virtual board's machine module; of it the firmware's "
+        f"code heap = firmware modules + asyncio (with any submodule the column loads on demand; "
+        f"the TCP modes serve plain sockets, no asyncio.stream) + the virtual board's machine module; "
+        f"of it the firmware's "
         f"own modules take {_kb(r['firmware_code_heap_bytes'])}. The data heap includes the test harness: "
         f"hil/vcolumn_main.py's own code takes {_kb(r['harness_code_heap_bytes'])} (its source compiled and "
         f"run up to the line that starts the column), which leaves "

@@ -51,10 +51,8 @@ class CborLink:
         self._heartbeat_ms = 60000
         self._hb_sent_ms = 0
         self._mv_sent_ms = 0
-        self._mv_measured = False   # a MeterValues with a real meter reading has gone out
-        self._mv_current_da = [0, 0, 0]  # the phase currents that last went out
-        self._status = None         # (status, error, cp, source, offered) last reported
-        self._status_ms = 0
+        self._mv_current_da = None  # the phase currents of the last real reading that went out
+        self._status = None         # (status, error, cp, source, offered, sent_ms) last reported
         self._seq = 0
         self._triggered = []        # messages asked for by TriggerMessage, sent after its result
 
@@ -91,7 +89,7 @@ class CborLink:
                 self._boot_ms = now_ms
                 self._send("BootNotification", now_ms)
             return
-        while self._held and self.link.pending_calls() < 2:  # leave room for our own calls
+        while self._held and link.pending_calls() < 2:  # leave room for our own calls
             self._tell(self._held.pop(0), now_ms)
         while self._triggered:
             self._send(self._triggered.pop(0), now_ms)
@@ -101,25 +99,20 @@ class CborLink:
         last = self._status
         if last is None or last[0] != ctl.status or last[1] != ctl.error or last[2] != ctl.cp_state \
                 or last[3] != ctl.limit_source or (last[4] != ctl.offered_da and elapsed_ms(
-                    now_ms, self._status_ms) >= _STATUS_MIN_MS):
+                    now_ms, last[5]) >= _STATUS_MIN_MS):
             self._send("StatusNotification", now_ms)
         meter = self.app.meter
-        first_reading = not self._mv_measured and meter is not None and meter.cycles > 0
-        since = elapsed_ms(now_ms, self._mv_sent_ms)
-        if first_reading or since >= _METER_VALUES_MS or (
-                since >= _STATUS_MIN_MS and self._current_moved(meter)):
-            self._send("MeterValues", now_ms)
-
-    def _current_moved(self, meter):
-        """The gateway shares the site on measured current: a real change must not wait 10 s."""
-        if meter is None:
-            return False
         sent = self._mv_current_da
-        cur = meter.current_da
-        for i in range(3):
-            if abs(cur[i] - sent[i]) >= _MV_CHANGE_DA:
-                return True
-        return False
+        since = elapsed_ms(now_ms, self._mv_sent_ms)
+        due = since >= _METER_VALUES_MS or (sent is None and meter is not None and meter.cycles > 0)
+        if not due and sent is not None and since >= _STATUS_MIN_MS:
+            # The gateway shares the site on measured current: a real change must not wait 10 s.
+            cur = meter.current_da
+            for i in range(3):
+                if abs(cur[i] - sent[i]) >= _MV_CHANGE_DA:
+                    due = True
+        if due:
+            self._send("MeterValues", now_ms)
 
     def on_event(self, kind, session_id, energy_wh, reason, now_ms):
         """Session events are told once the gateway has accepted our boot; until then they
@@ -140,7 +133,7 @@ class CborLink:
         if kind == _EV_START:
             self.link.call("StartTransaction", dict(sessionId=session_id, meterStartWh=energy_wh),
                            now_ms)
-        elif kind == _EV_STOP:
+        else:
             name = STOP_NAMES[reason] if 0 <= reason < len(STOP_NAMES) else "Other"
             self.link.call("StopTransaction", dict(sessionId=session_id, meterStopWh=energy_wh,
                                                    reason=name), now_ms)
@@ -150,7 +143,9 @@ class CborLink:
         """Send BootNotification, Heartbeat, StatusNotification or MeterValues."""
         app = self.app
         ctl = app.ctl
+        m = app.meter
         on_result = None
+        payload = {}  # a Heartbeat's
         if action == "BootNotification":
             if self.accepted:  # asked for by TriggerMessage: boot again from the start
                 self.accepted = False
@@ -169,23 +164,23 @@ class CborLink:
             if app.config_errors:
                 payload["configError"] = "; ".join(app.config_errors)[:200]
             on_result = self._on_boot
-        elif action == "Heartbeat":
-            payload = {}
         elif action == "StatusNotification":
-            reported = (ctl.status, ctl.error, ctl.cp_state, ctl.limit_source, ctl.offered_da)
+            reported = (ctl.status, ctl.error, ctl.cp_state, ctl.limit_source, ctl.offered_da, now_ms)
             payload = dict(status=STATUS_NAMES[ctl.status], errorCode=ERROR_NAMES[ctl.error],
                            cpState=CP_NAMES[ctl.cp_state], offeredA=ctl.offered_da / 10,
                            limitSource=LIMIT_SOURCE_NAMES[ctl.limit_source])
         elif action == "MeterValues":
             self._seq = (self._seq + 1) & 0x7FFFFFFF
-            m = app.meter
-            measured = m is not None and m.cycles > 0
-            cur = [m.current_da[i] / 10 for i in range(3)] if m is not None else [0, 0, 0]
-            volt = [m.voltage_dv[i] / 10 for i in range(3)] if m is not None else [0, 0, 0]
+            cur = [0, 0, 0]
+            volt = [0, 0, 0]
+            if m is not None:
+                for i in range(3):
+                    cur[i] = m.current_da[i] / 10
+                    volt[i] = m.voltage_dv[i] / 10
             payload = dict(energyWh=app.energy_wh, sessionEnergyWh=ctl.session_energy_wh,
                            powerW=m.power_w if m is not None else 0, currentA=cur,
                            voltageV=volt, offeredA=ctl.offered_da / 10, seq=self._seq)
-        else:
+        elif action != "Heartbeat":
             return
         msg_id = self.link.call(action, payload, now_ms, on_result)
         if msg_id is None:
@@ -197,13 +192,14 @@ class CborLink:
             self._hb_sent_ms = now_ms
         elif action == "StatusNotification":
             self._status = reported
-            self._status_ms = now_ms
-        elif action == "MeterValues":
+        else:
             self._mv_sent_ms = now_ms
-            if measured:
-                self._mv_measured = True
+            if m is not None and m.cycles > 0:  # a real reading went out
+                sent = self._mv_current_da
+                if sent is None:
+                    sent = self._mv_current_da = [0, 0, 0]
                 for i in range(3):
-                    self._mv_current_da[i] = app.meter.current_da[i]
+                    sent[i] = m.current_da[i]
 
     def _on_boot(self, answer):
         if isinstance(answer, dict) and answer.get("status") == "Accepted":
@@ -211,20 +207,18 @@ class CborLink:
             self._heartbeat_ms = answer["heartbeatIntervalS"] * 1000
 
     # -- calls we serve ------------------------------------------------------------------
-    def _refuse_unless_trusted(self):
-        """Config writes and resets come only from the gateway that accepted our boot on
-        this connection; a column with a broken config takes neither (see firmware.md)."""
-        if not self.accepted:
+    def _refuse(self, trusted):
+        """A column with a broken config takes no limit, config write or reset; config writes
+        and resets (trusted) come only from the gateway that accepted our boot on this
+        connection (see firmware.md)."""
+        if trusted and not self.accepted:
             raise MessageError("SecurityError", "BootNotification not accepted on this link")
-        self._refuse_if_unconfigured()
-
-    def _refuse_if_unconfigured(self):
         if self.app.config_errors:
             raise MessageError("GenericError", "column configuration invalid: " +
                                "; ".join(self.app.config_errors)[:120])
 
     def _set_limit(self, payload, now_ms):
-        self._refuse_if_unconfigured()
+        self._refuse(False)
         ctl = self.app.ctl
         ctl.heartbeat(now_ms)
         applied = -1
@@ -246,7 +240,7 @@ class CborLink:
         return dict(configuration=known, unknownKeys=unknown)
 
     def _change_configuration(self, payload, now_ms):
-        self._refuse_unless_trusted()
+        self._refuse(True)
         # Only the keys of config_runtime.RUN_TIME, checked against the config the column
         # booted with (valid, or the call was refused): not the whole validator, which a
         # running column no longer has room for.
@@ -264,7 +258,7 @@ class CborLink:
         return dict(status="RebootRequired")
 
     def _reset(self, payload, now_ms):
-        self._refuse_unless_trusted()
+        self._refuse(True)
         self.app.request_reset()
         return dict(status="Accepted")
 
@@ -288,35 +282,38 @@ class CborLink:
                 n = uart.readinto(rx) if n == _RX_CHUNK else 0  # a full read: more may wait
             await asyncio.sleep(0.002)
 
-    async def serve_tcp(self, port, clock, asyncio, host="0.0.0.0"):
-        async def client(reader, writer):
-            if self._out is not None:
-                writer.close()  # one gateway at a time
-                return
-            self.connected(writer.write, clock.ticks_ms())
-            pump = asyncio.create_task(self._pump(writer, asyncio))
-            try:
-                while True:
-                    data = await reader.read(512)
-                    if not data:
-                        break
-                    self.on_bytes(data, clock.ticks_ms())
-            except OSError:
-                pass
-            finally:
-                self._out = None  # disconnected: wait for the next gateway
-                self.accepted = False
-                pump.cancel()
-                writer.close()
+    def serve_tcp(self, port, host, tcp):
+        """Serve the gateway on host:port, one connection at a time (another is closed at
+        once), through `tcp`, the firmware.tcp_link module (passed in: a serial board does
+        not carry it). Returns the server task; cancelling it closes the port."""
+        return tcp.start(host, port, 1, self._tcp_client, tcp)
 
-        return await asyncio.start_server(client, host, port)
+    async def _tcp_client(self, sock, tcp):
+        clock = self.app.clock
+        rx = bytearray(_RX_CHUNK)   # handed over as a view, taken whole (see serve_serial)
+        view = memoryview(rx)
 
-    async def _pump(self, writer, asyncio):
-        """Frames written from the control task go out here (MicroPython's streams send
-        on drain)."""
+        def write(data):
+            # Frames go out at once, from whichever task makes them. One the socket cannot
+            # take whole (the gateway has stopped reading) drops the link: a frame cut
+            # short would corrupt the stream. The connection closes at its next wake-up.
+            if (tcp.send(sock, data) or 0) < len(data):
+                self._out = None
+                raise OSError("link stalled")
+
+        self.connected(write, clock.ticks_ms())
         try:
-            while True:
-                await writer.drain()
-                await asyncio.sleep(0.005)
-        except OSError:
+            while self._out is not None:
+                n = tcp.recv(sock, rx)
+                if n is None:
+                    await tcp.wait(sock, 0)
+                elif n:
+                    self.on_bytes(view[0:n], clock.ticks_ms())
+                else:
+                    break   # the gateway closed
+        except Exception:  # reset by the peer, ...: wait for the next gateway
             pass
+        finally:
+            self._out = None
+            self.accepted = False
+            sock.close()

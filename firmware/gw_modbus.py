@@ -1,6 +1,7 @@
 # The gateway link over Modbus: the column's register image served as an RTU slave on
 # the RS-485 bus or over Modbus TCP, and holding-register writes turned into controller
-# commands. Only loaded when the config's link mode is modbus-rtu or modbus-tcp.
+# commands. Only loaded when the config's link mode is modbus-rtu or modbus-tcp; the TCP
+# serving is in firmware/modbus_tcp.py, which only a modbus-tcp board carries.
 from array import array
 
 from firmware import image, regmap
@@ -59,7 +60,6 @@ class ModbusLink:
         # The RTU request parser holds a whole RTU frame (256 B): a TCP column (rtu=False)
         # has none, its connections frame their own requests (firmware/modbus_tcp.py).
         self.parser = RtuRequestParser() if rtu else None
-        self.tcp_clients = 0
         inp = self.inputs
         cfg = app.cfg
         inp[regmap.IR_FW_VERSION] = (app.version[0] << 8) | app.version[1]
@@ -182,36 +182,3 @@ class ModbusLink:
                     uart.flush()  # on a board: wait for the last stop bit before releasing DE
                 if de_pin is not None:
                     de_pin.value(0)
-
-    async def serve_tcp(self, port, clock, asyncio, host="0.0.0.0"):
-        server = await asyncio.start_server(self._tcp_client, host, port)
-        self.app.log("modbus-tcp listening on port %d" % port)
-        return server
-
-    async def _tcp_client(self, reader, writer):
-        from firmware.modbus_tcp import CLOSE, NEED_MORE, ModbusTcpConnection
-
-        clock = self.app.clock
-        conn = ModbusTcpConnection(self.slave)
-        self.tcp_clients += 1
-        try:
-            while True:
-                data = await reader.read(260)
-                if not data:
-                    break
-                conn.feed(data)
-                while True:
-                    r = conn.next_reply(clock.ticks_ms())
-                    if r == NEED_MORE:
-                        break
-                    if r == CLOSE:
-                        return
-                    if r > 0:
-                        writer.write(bytes(conn.out[0:r]))
-                        await writer.drain()
-        except OSError:
-            pass
-        finally:
-            self.tcp_clients -= 1
-            writer.close()
-

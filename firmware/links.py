@@ -5,7 +5,7 @@
 # what a board of one link mode imports.
 LINKS = (
     ("modbus-rtu", ("regmap", "image", "modbus", "modbus_slave", "gw_modbus")),
-    ("modbus-tcp", ("regmap", "image", "modbus", "modbus_slave", "modbus_tcp", "gw_modbus")),
+    ("modbus-tcp", ("regmap", "image", "modbus", "modbus_slave", "tcp_link", "modbus_tcp", "gw_modbus")),
     ("cbor-serial", ("cbor", "frames", "messages", "cbor_link", "gw_cbor")),
-    ("cbor-tcp", ("cbor", "frames", "messages", "cbor_link", "gw_cbor")),
+    ("cbor-tcp", ("cbor", "frames", "messages", "cbor_link", "tcp_link", "gw_cbor")),
 )

@@ -1,7 +1,8 @@
 # The same register map over Modbus TCP: MBAP framing around the RTU slave's `respond`.
 # A `ModbusTcpConnection` per client holds that client's bytes and its reply buffer
-# (pure, no I/O). The column's app wires connections into its own asyncio streams;
-# scripts and tests use the poll loop in modbus_tcp_serve.py, which a board never loads.
+# (pure, no I/O). serve_tcp() serves a column's ModbusLink with one per connection on
+# firmware/tcp_link.py; scripts and tests also use the poll loop in modbus_tcp_serve.py,
+# which a board never loads. Only a modbus-tcp board loads this module (firmware/links.py).
 # Unit ids: the column's bus address or 0xFF address the column; unit 0 is a broadcast as
 # on the RTU bus (limit table only, no reply).
 try:
@@ -9,6 +10,7 @@ try:
 except ImportError:  # CPython
     const = lambda x: x
 
+from firmware import tcp_link
 from firmware.modbus import (
     EX_ILLEGAL_VALUE,
     MBAP_LEN,
@@ -22,6 +24,49 @@ from firmware.modbus import (
 _ANY_UNIT = const(0xFF)
 NEED_MORE = const(-1)
 CLOSE = const(-2)
+# Connections served at once; a new one beyond closes the oldest (a gateway that restarted
+# without closing its connection left it open here: a column only writes when asked).
+_MAX_CLIENTS = const(4)
+
+
+def serve_tcp(link, port, host):
+    """Serve the ModbusLink `link` (firmware/gw_modbus.py) over Modbus TCP on host:port:
+    returns the server task (firmware/tcp_link.py)."""
+    return tcp_link.start(host, port, _MAX_CLIENTS, _client, link, True)
+
+
+async def _client(sock, link):
+    """One connection: its requests read straight into its frame buffer, each reply sent
+    whole before the next request is read. Ends at the peer's close, a socket error or a
+    header that makes the stream unusable (counted in bad_header), closing sock."""
+    conn = ModbusTcpConnection(link.slave)
+    clock = link.app.clock
+    try:
+        while True:
+            n = tcp_link.recv(sock, conn.room())
+            if n is None:
+                await tcp_link.wait(sock, 0)
+                continue
+            if not n:
+                return
+            conn.filled(n)
+            while True:
+                r = conn.next_reply(clock.ticks_ms())
+                if r == NEED_MORE:
+                    break
+                if r == CLOSE:
+                    return
+                out = memoryview(conn.out)[0:r]
+                while out:
+                    n = tcp_link.send(sock, out)
+                    if n is None:
+                        await tcp_link.wait(sock, 1)
+                    else:
+                        out = out[n:]
+    except Exception:  # reset by the peer, ...: this connection ends, the link goes on
+        pass
+    finally:
+        sock.close()
 
 
 class ModbusTcpConnection:
@@ -35,7 +80,6 @@ class ModbusTcpConnection:
         self.out = bytearray(MBAP_LEN + slave.pdu_max)
         self._n = 0
         self._taken = 0
-        self.frames = 0
         self.bad_header = 0   # invalid MBAP header: the connection must be closed
 
     def _drop_taken(self):
@@ -47,6 +91,15 @@ class ModbusTcpConnection:
                 buf[i] = buf[i + k]
             self._n = n
             self._taken = 0
+
+    def room(self):
+        """The free end of the frame buffer, to read into; then filled(n). Never empty
+        after next_reply() said NEED_MORE: a full buffer holds a whole frame."""
+        self._drop_taken()
+        return self.frame[self._n:]
+
+    def filled(self, n):
+        self._n += n
 
     def feed(self, data, start=0, end=-1):
         """Take data[start:end]; returns how many bytes fitted (call next_reply between)."""
@@ -76,7 +129,6 @@ class ModbusTcpConnection:
         if length == 0 or self._n < length:
             return NEED_MORE
         self._taken = length
-        self.frames += 1
         buf = self._buf
         unit = buf[6]
         fc = buf[7]

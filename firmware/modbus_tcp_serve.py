@@ -1,6 +1,6 @@
 # A tiny blocking poll loop serving the column's Modbus TCP connections
 # (modbus_tcp.ModbusTcpConnection) on a listening socket, for scripts and tests on both
-# interpreters. A column never runs it (its app serves its own asyncio streams), so it
+# interpreters. A column never runs it (its app serves them on firmware/tcp_link.py), so it
 # lives apart from modbus_tcp.py and is never in a board's bundle or RAM.
 from firmware.modbus_tcp import CLOSE, NEED_MORE, TCP_MAX, ModbusTcpConnection
 

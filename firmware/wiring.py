@@ -116,6 +116,20 @@ def link(app, mode):
     return app.link
 
 
+def serve_tcp(app, mode):
+    """Start serving the link of a TCP mode on its port (firmware/tcp_link.py): returns the
+    server task, which never ends by itself (cancel it to close the port and its
+    connections). Its modules are taken by their loaded names (firmware/links.py loads
+    them for the mode): an import here would put them in every board's bundle."""
+    lcfg = app.cfg["link"]
+    port = lcfg["tcp_port"]
+    host = lcfg.get("host", "0.0.0.0")
+    mods = sys.modules
+    if mode in _MODBUS:
+        return mods["firmware.modbus_tcp"].serve_tcp(app.link, port, host)
+    return app.link.serve_tcp(port, host, mods["firmware.tcp_link"])
+
+
 async def start(app):
     """Load every module the column runs on and build the meter reader and the link, then
     start the tasks (in app.tasks; App.run() adds the watchdog): code loaded between the
@@ -140,4 +154,4 @@ async def start(app):
         serve = app.link.serve_rtu if mode in _MODBUS else app.link.serve_serial
         tasks["link"] = asyncio.create_task(serve(line, line_de, clock, asyncio, app.link_alive))
     else:  # modbus-tcp, cbor-tcp: the gateway connects to us
-        await app.link.serve_tcp(cfg["link"]["tcp_port"], clock, asyncio, cfg["link"].get("host", "0.0.0.0"))
+        tasks["tcp"] = serve_tcp(app, mode)

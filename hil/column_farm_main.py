@@ -8,7 +8,7 @@
 # SPEC (a JSON file): {"columns": ["c000", ...]}, one folder per column holding its
 # column.json; its energy register files are written there too. Each column is built by
 # the app's own boot code (App(), wiring.meter, wiring.link) and runs what the app runs:
-# its control task (App.control_task, every 10 ms) and its link: ModbusLink.serve_tcp on
+# its control task (App.control_task, every 10 ms) and its link: wiring.serve_tcp on
 # its own port (Modbus TCP, CBOR over TCP), or ModbusLink.serve_rtu / CborLink.serve_serial
 # on its own end of the farm's one serial line BUS_PTY, which every column hears, as on a
 # real RS-485 bus (Modbus columns tell requests apart by their bus addresses; a CBOR serial
@@ -356,7 +356,6 @@ class Column:
         self.mode = (raw.get("link") or {}).get("mode")
         self.app = None
         self.tasks = []
-        self.server = None
         self.live = False
 
 
@@ -396,9 +395,8 @@ class Farm:
                 line, de = app.hal.uart("link", cfg["link"]["baud"])
                 serve = link.serve_rtu if mode == "modbus-rtu" else link.serve_serial
                 col.tasks.append(asyncio.create_task(serve(line, de, clock, asyncio, app.link_alive)))
-            else:
-                col.server = await link.serve_tcp(cfg["link"]["tcp_port"], clock, asyncio,
-                                                  cfg["link"].get("host", "0.0.0.0"))
+            else:   # its server task: cancelling it closes the port and its connections
+                col.tasks.append(wiring.serve_tcp(app, mode))
             col.live = True
             self.columns.append(col)
             gc.collect()
@@ -411,8 +409,6 @@ class Farm:
         col.board.port = None
         for task in col.tasks:
             task.cancel()
-        if col.server is not None:
-            col.server.close()
         self.send({"i": col.board.index, "stopped": 1})
 
     def command(self, msg):

@@ -24,8 +24,9 @@ async def _main(config, meter_path, link_path):
     task = asyncio.create_task(column.run())
     await asyncio.sleep(0.5)
     names = [k for k in sys.modules if k == "firmware" or k.startswith("firmware.")]
-    # Library code the running column loaded on demand (asyncio.stream for a TCP server):
-    # code, not data, though `import asyncio` alone does not load it.
+    # Library code the running column loaded on demand (an asyncio submodule such as
+    # asyncio.stream, were a link to use one): code, not data, though `import asyncio` alone
+    # does not load it.
     names += [k for k in sys.modules if k.startswith("asyncio.")]
     print(json.dumps(sorted(names)))
     task.cancel()

@@ -20,13 +20,9 @@ def elapsed_ms(now_ms, then_ms):
 try:
     ticks_ms = time.ticks_ms
     ticks_diff = time.ticks_diff
-    ticks_add = time.ticks_add
 except AttributeError:  # CPython: monotonic ms, no wrap in practice
     def ticks_ms():
         return time.monotonic_ns() // 1000000
 
     def ticks_diff(a, b):
         return a - b
-
-    def ticks_add(a, b):
-        return a + b

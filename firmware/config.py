@@ -13,10 +13,7 @@ import os
 from firmware.config_runtime import MAX_HARDWARE_A, RUN_TIME, failsafe_rule, write_config
 from firmware.controller import DEFAULTS
 
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 _INT = const(0)     # int in lo..hi (as config_runtime.RUN_TIME's kinds)
 _NUM = const(1)     # int or float in lo..hi
@@ -32,8 +29,6 @@ _COND = const(2)  # default from DEFAULTS, else required only by another key (ch
 BAUDS = (2400, 4800, 9600, 19200, 38400, 57600, 115200)
 METER_TYPES = ("sdm630", "sdm120")
 LINK_MODES = ("modbus-rtu", "modbus-tcp", "cbor-serial", "cbor-tcp")
-_SERIAL_MODES = ("modbus-rtu", "cbor-serial")
-_TCP_MODES = ("modbus-tcp", "cbor-tcp")
 
 
 # (key, type, lo, hi, presence)
@@ -84,40 +79,22 @@ def schema_keys():
     return out
 
 
-def _default(section, key):
-    """DEFAULTS value for key (in section, if given): nested dict or dotted name."""
-    if section is None:
-        return DEFAULTS.get(key, _NO_DEFAULT)
-    sub = DEFAULTS.get(section)
-    if isinstance(sub, dict) and key in sub:
-        return sub[key]
-    return DEFAULTS.get(section + "." + key, _NO_DEFAULT)
-
-
 def _show(v):
     """A short rendering of a bad value for an error message."""
-    if type(v) is str:
-        if len(v) > 32:
-            return repr(v[:32]) + "..."
-        return repr(v)
-    if type(v) is bool:
+    t = type(v)
+    if t is str:
+        return repr(v[:32]) + ("..." if len(v) > 32 else "")
+    if t is bool:
         return "true" if v else "false"
     if v is None:
         return "null"
-    if type(v) is int or type(v) is float:
+    if t is int or t is float:
         return repr(v)
     if isinstance(v, dict):
         return "an object"
     if isinstance(v, (list, tuple)):
         return "a list"
-    return "a " + type(v).__name__
-
-
-def _chars_ok(s, extra):
-    for c in s:
-        if not ("a" <= c <= "z" or "A" <= c <= "Z" or "0" <= c <= "9" or c in extra):
-            return False
-    return True
+    return "a " + t.__name__
 
 
 def _check_value(name, v, kind, lo, hi, errors):
@@ -129,59 +106,60 @@ def _check_value(name, v, kind, lo, hi, errors):
             if type(choice) is type(v) and choice == v:
                 ok = True
         if not ok:
-            errors.append("%s: %s is not one of %s" % (name, _show(v), ", ".join([str(c) for c in lo])))
+            errors.append("%s: %s is not one of %s" % (name, _show(v), ", ".join(map(str, lo))))
     elif kind == _INT or kind == _NUM:
         if type(v) is not int and not (kind == _NUM and type(v) is float):
-            errors.append("%s: expected %s, got %s" % (name, "an integer" if kind == _INT else "a number",
-                                                        _show(v)))
+            _expected(errors, name, "an integer" if kind == _INT else "a number", v)
         elif not (lo <= v <= hi):  # NaN fails this too
             errors.append("%s: %s is out of range %s..%s" % (name, _show(v), lo, hi))
     elif type(v) is not str:
-        errors.append("%s: expected a string, got %s" % (name, _show(v)))
+        _expected(errors, name, "a string", v)
     elif not (lo <= len(v) <= hi):
         errors.append("%s: length %d is out of range %d..%d" % (name, len(v), lo, hi))
-    elif kind == _ID and not _chars_ok(v, "_-"):
-        errors.append("%s: %s may only hold A-Z a-z 0-9 _ -" % (name, _show(v)))
-    elif kind == _HOST and not _chars_ok(v, ".-:"):
-        errors.append("%s: %s may only hold A-Z a-z 0-9 . - :" % (name, _show(v)))
+    else:
+        extra = "_-" if kind == _ID else ".-:"
+        for c in v:
+            if not ("a" <= c <= "z" or "A" <= c <= "Z" or "0" <= c <= "9" or c in extra):
+                errors.append("%s: %s may only hold A-Z a-z 0-9 %s" % (name, _show(v), " ".join(extra)))
+                break
     return len(errors) == n
 
 
-def _check_section(prefix, section, data, entries, errors):
-    """Check one object against its entries; returns the cleaned dict (defaults merged,
-    bad values replaced by their default or left out)."""
+def _expected(errors, name, what, v):
+    errors.append("%s: expected %s, got %s" % (name, what, _show(v)))
+
+
+def _check_section(prefix, defaults, data, entries, errors):
+    """Check one object against its entries and its defaults (a DEFAULTS dict); returns the
+    cleaned dict (defaults merged, bad values replaced by their default or left out)."""
     out = {}
     if not isinstance(data, dict):
         # one error for the object; its keys are not reported missing one by one
-        errors.append("%s: expected an object, got %s" % (prefix[:-1] or "config", _show(data)))
+        _expected(errors, prefix[:-1] or "config", "an object", data)
         data = {}
         errors = []
     for key, kind, lo, hi, presence in entries:
         name = prefix + key
-        if key not in data:
-            if kind == _SECTION:
-                errors.append(name + ": missing")
-                out[key] = _check_section(name + ".", key, {}, lo, [])
-                continue
-            d = _NO_DEFAULT if presence == _REQ else _default(section, key)
-            if d is not _NO_DEFAULT:
-                out[key] = d
-            elif presence != _COND:
-                errors.append(name + ": missing")
-            continue
-        v = data[key]
         if kind == _SECTION:
-            out[key] = _check_section(name + ".", key, v, lo, errors)
-        elif _check_value(name, v, kind, lo, hi, errors):
-            out[key] = v
-        elif presence != _REQ:
-            d = _default(section, key)
-            if d is not _NO_DEFAULT:
-                out[key] = d
-    known = [e[0] for e in entries]
+            sub = errors
+            if key not in data:
+                errors.append(name + ": missing")
+                sub = []  # nor are a missing object's keys
+            out[key] = _check_section(name + ".", defaults.get(key) or {}, data.get(key, {}), lo, sub)
+            continue
+        d = _NO_DEFAULT if presence == _REQ else defaults.get(key, _NO_DEFAULT)
+        if key in data and _check_value(name, data[key], kind, lo, hi, errors):
+            out[key] = data[key]
+        elif d is not _NO_DEFAULT:  # missing or bad: its default
+            out[key] = d
+        elif key not in data and presence != _COND:
+            errors.append(name + ": missing")
     unknown = []
     for key in data:
-        if key not in known:
+        for e in entries:
+            if e[0] == key:
+                break
+        else:
             unknown.append(key if type(key) is str else repr(key))
     unknown.sort()
     for key in unknown:
@@ -199,23 +177,24 @@ def _cross_check(cfg, data, errors):
     hw = cfg.get("hardware_rating_a")
     inst = cfg.get("installation_rating_a")
     fs = cfg.get("failsafe_a")
+    above = "%s: %s is above %s %s"
     if hw is not None and inst is not None and inst > hw:
-        errors.append("installation_rating_a: %s is above hardware_rating_a %s" % (_show(inst), _show(hw)))
+        errors.append(above % ("installation_rating_a", _show(inst), "hardware_rating_a", _show(hw)))
         inst = None
     rule = 0 if fs is None else failsafe_rule(fs, inst, hw)
     if rule == 1:
         errors.append("failsafe_a: %s is out of range (0 or 6..installation_rating_a)" % _show(fs))
     elif rule:
-        errors.append("failsafe_a: %s is above %s %s" % (
-            _show(fs), "installation_rating_a" if rule == 2 else "hardware_rating_a",
-            _show(inst if rule == 2 else hw)))
-    link = cfg.get("link")
-    mode = link.get("mode") if link else None
+        errors.append(above % ("failsafe_a", _show(fs), "installation_rating_a" if rule == 2
+                               else "hardware_rating_a", _show(inst if rule == 2 else hw)))
+    link = cfg["link"]  # every section is in cfg, if only with its defaults
+    mode = link.get("mode")
     raw = data.get("link") if isinstance(data, dict) else None
     if not isinstance(raw, dict):
         raw = {}
-    for key, needed in (("baud", mode in _SERIAL_MODES), ("tcp_port", mode in _TCP_MODES)):
-        if needed and key not in link and key not in raw:  # a bad value is reported already
+    if mode:  # a TCP mode (modbus-tcp, cbor-tcp) needs a port, a serial one its baud rate
+        key = "tcp_port" if mode.endswith("-tcp") else "baud"
+        if key not in link and key not in raw:  # a bad value is reported already
             errors.append("link.%s: missing (needed for %s)" % (key, mode))
 
 
@@ -223,7 +202,7 @@ def check(data):
     """(cfg, errors): cfg holds every value that passed its own check plus the defaults,
     so an app with a broken config can still bring its link up to report the errors."""
     errors = []
-    cfg = _check_section("", None, data, _TOP, errors)
+    cfg = _check_section("", DEFAULTS, data, _TOP, errors)
     _cross_check(cfg, data, errors)
     return cfg, errors
 

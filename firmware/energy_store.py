@@ -26,10 +26,7 @@ import struct
 from firmware.clock import elapsed_ms
 from firmware.crc import crc16
 
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 # Record, little-endian: magic u16, version u8, flags u8, seq u32, energy_wh u64,
 # session_id u32, session_start_wh u64, sessions_total u32, boots u32, tail u16 (seq &

@@ -5,9 +5,6 @@
 # truncated one), the store's CRC and sequence number pick the good slot.
 import os
 
-SLOT_A = 0
-SLOT_B = 1
-
 
 class FileFlash:
     """Slot 0 -> path_a, slot 1 -> path_b. Errors from the filesystem propagate as OSError."""

@@ -2,17 +2,14 @@
 # Everything above it (controller, meter, links) is pure logic fed with integers.
 # The board wiring comes from a pin map (PINS below for an ESP32 board; the config may
 # override entries), and `machine` is passed in so a virtual board can stand in.
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 # CP sense: a divider maps -12 V .. +12 V onto the ADC's 0 .. 65535.
-CP_ADC_MIN_MV = const(-12000)
-CP_ADC_SPAN_MV = const(24000)
+_CP_ADC_MIN_MV = const(-12000)
+_CP_ADC_SPAN_MV = const(24000)
 # PP sense: the cable's resistor to ground against a pull-up to the ADC reference.
-PP_PULLUP_OHMS = const(1000)
-PP_OPEN_RAW = const(65000)          # above this the PP line is open: no cable
+_PP_PULLUP_OHMS = const(1000)
+_PP_OPEN_RAW = const(65000)         # above this the PP line is open: no cable
 _CP_SAMPLES = const(8)              # spread over at least one 1 kHz PWM period
 _PWM_FREQ = const(1000)
 
@@ -24,26 +21,20 @@ PINS = dict(
 
 
 def cp_raw_to_mv(raw):
-    return CP_ADC_MIN_MV + raw * CP_ADC_SPAN_MV // 65535
+    return _CP_ADC_MIN_MV + raw * _CP_ADC_SPAN_MV // 65535
 
 
 def cp_mv_to_raw(mv):
     """Inverse of cp_raw_to_mv, for virtual boards and tests."""
-    raw = (mv - CP_ADC_MIN_MV) * 65535 // CP_ADC_SPAN_MV
+    raw = (mv - _CP_ADC_MIN_MV) * 65535 // _CP_ADC_SPAN_MV
     return 0 if raw < 0 else (65535 if raw > 65535 else raw)
 
 
-def pp_raw_to_ohms(raw):
-    """Resistance seen on PP; -1 when the line is open (no cable plugged)."""
-    if raw >= PP_OPEN_RAW:
-        return -1
-    return PP_PULLUP_OHMS * raw // (65535 - raw)
-
-
 def pp_ohms_to_raw(ohms):
+    """Inverse of Hal.read_pp_ohms, for virtual boards and tests."""
     if ohms < 0:
         return 65535
-    return 65535 * ohms // (ohms + PP_PULLUP_OHMS)
+    return 65535 * ohms // (ohms + _PP_PULLUP_OHMS)
 
 
 class Hal:
@@ -82,7 +73,11 @@ class Hal:
         self.cp_low_mv = cp_raw_to_mv(lo)
 
     def read_pp_ohms(self):
-        return pp_raw_to_ohms(self._pp_adc.read_u16())
+        """Resistance seen on PP; -1 when the line is open (no cable plugged)."""
+        raw = self._pp_adc.read_u16()
+        if raw >= _PP_OPEN_RAW:
+            return -1
+        return _PP_PULLUP_OHMS * raw // (65535 - raw)
 
     def set_duty(self, duty):
         """duty in 0.01 % (10000 = constant +12 V, no current; 0 = constant -12 V, state F)."""

@@ -1,6 +1,6 @@
 # Fills the Modbus input-register image from the controller, the meter and the store.
 # Called every control step, so it allocates nothing: integer stores into an array('H').
-from firmware import regmap, status
+from firmware import regmap
 
 _U16 = 0xFFFF
 
@@ -32,23 +32,9 @@ def fill_inputs(image, ctl, meter, energy_wh, boots, bad_frames, uptime_s, remai
 
 
 def error_flags(ctl):
-
-    flags = 0
+    table = regmap.ERROR_FLAGS
     err = ctl.error
-    if err == status.ERR_OVER_CURRENT:
-        flags |= regmap.FLAG_OVERDRAW
-    elif err == status.ERR_POWER_METER:
-        flags |= regmap.FLAG_METER_FAILURE
-    elif err == status.ERR_GROUND:
-        flags |= regmap.FLAG_RCD
-    elif err == status.ERR_CP_SHORT:
-        flags |= regmap.FLAG_CP_SHORT
-    elif err == status.ERR_DIODE:
-        flags |= regmap.FLAG_DIODE
-    elif err == status.ERR_CONTACTOR:
-        flags |= regmap.FLAG_CONTACTOR
-    elif err == status.ERR_CONFIG:
-        flags |= regmap.FLAG_CONFIG
+    flags = table[err] if err < len(table) else 0
     if ctl.failsafe_active:
         flags |= regmap.FLAG_FAILSAFE_ACTIVE
     if ctl.paused:

@@ -36,8 +36,10 @@ from firmware.status import (
     SRC_SAFETY,
 )
 
-REJECTED = -1            # assign()/set_failsafe() answer for invalid input
-MAX_VALIDITY_S = 86400   # longer validities are cut to a day: time differences must stay < 2**29 ms
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
+
+REJECTED = const(-1)     # assign()/set_failsafe() answer for invalid input
+MAX_VALIDITY_S = const(86400)   # longer validities are cut to a day: time differences stay < 2**29 ms
 
 
 def amps_to_da(value):
@@ -117,9 +119,6 @@ class LimitArbiter:
             self._gw_validity_ms = validity_s * 1000
             self.gateway_valid = True
         return limit_da if limit_da >= MIN_CURRENT_DA else 0
-
-    def clear_assignment(self):
-        self.gateway_valid = False
 
     def assignment_remaining_s(self, now_ms):
         """Whole seconds left of a valid assignment, 0 when none (rounded up)."""

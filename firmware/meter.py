@@ -12,13 +12,10 @@
 # next reading is checked for going backwards but not for size. A meter that keeps
 # reporting such values stays stale, which stops charging (the safe side) until it is
 # replaced; the first reading after boot is accepted as it is.
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
-
 from firmware import sdm
 from firmware.crc import crc16
+
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 _FC = const(4)
 _FC_ERR = const(0x84)
@@ -95,10 +92,15 @@ class Meter:
         # reply's length). Where each field sits in a reply is read from firmware.sdm's
         # tables when the reply comes: an attribute costs every meter RAM, so what can be
         # derived is not kept.
-        self._reqs = tuple(read_request(address, s, c) for s, c in blocks)
+        reqs = []
+        most = 0
+        for s, c in blocks:
+            reqs.append(read_request(address, s, c))
+            most = max(most, c)
+        self._reqs = tuple(reqs)
         # Buffers, owned here and reused for every reply: rx holds the reply being
         # assembled, stage the values of the cycle in progress (applied when it completes).
-        self._rx = bytearray(max(sdm.reply_len(c) for s, c in blocks))
+        self._rx = bytearray(sdm.reply_len(most))
         self._stage = [0] * sdm.NFIELDS
         self._n = 0
         self._expect = 0

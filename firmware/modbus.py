@@ -2,12 +2,9 @@
 # (PDU + CRC or MBAP header) and exception replies. Pure: no I/O, no clock. Buffers are
 # owned by the objects that create them and reused; nothing here allocates per byte or
 # per frame, so it can run under micropython.heap_lock().
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x
-
 from firmware.crc import crc16
+
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 RTU_MAX = const(256)   # bytes in one RTU frame, address + PDU + CRC
 TCP_MAX = const(260)   # bytes in one Modbus TCP frame, MBAP (7) + PDU (253)

@@ -4,11 +4,6 @@
 # module only moves words. Transport-neutral: RTU (`handle`) and TCP (modbus_tcp) share
 # `respond`, which writes the reply PDU at an offset in a caller's buffer. Nothing on the
 # request path allocates, so it runs under micropython.heap_lock().
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x
-
 from array import array
 
 from firmware import regmap
@@ -23,6 +18,8 @@ from firmware.modbus import (
     read_pdu,
     u16,
 )
+
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 _MAX_READ = const(125)
 _MAX_WRITE = const(123)

@@ -1,12 +1,11 @@
-# IEC 61851-1 control pilot (CP) and proximity pilot (PP): amps <-> duty, CP voltage ->
+# IEC 61851-1 control pilot (CP) and proximity pilot (PP): amps -> duty, CP voltage ->
 # state A-F with debouncing, PP resistor -> cable rating. Pure logic, integers only:
 # currents in deci-amps (da), duty in 0.01 % units (0..10000), voltages in mV, time in ms.
+# What only the car's side reads (duty -> amps, the PP state) is in pilot_decode.py,
+# which a board never loads.
 from firmware.status import CP_A, CP_B, CP_C, CP_D, CP_E, CP_F
 
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 DUTY_NO_CURRENT = const(10000)  # constant +V: no current offered (PWM off)
 DUTY_STATE_F = const(0)         # constant -12 V: state F, EVSE not available
@@ -37,28 +36,6 @@ def duty_for_current_da(da):
             da = 510
         return (da * 50) // 3
     return 4 * da + 6400
-
-
-def current_da_for_duty(duty):
-    """Maximum current (da) a car may draw at a duty; 0 where no current is encoded."""
-    if duty < 1000:
-        return 0  # state F, digital communication (3-7 %) or invalid: no current
-    if duty <= 8500:
-        return (duty * 6) // 100
-    if duty <= 9600:
-        return (duty - 6400) // 4
-    if duty <= 9700:
-        return MAX_CURRENT_DA
-    return 0  # above 97 % up to constant +V: no current
-
-
-def duty_u16(duty):
-    """PWM.duty_u16 value for a duty in 0.01 % (0..10000)."""
-    if duty <= 0:
-        return 0
-    if duty >= 10000:
-        return 65535
-    return (duty * 65535) // 10000
 
 
 # --- CP voltage -> state ---------------------------------------------------------
@@ -112,21 +89,8 @@ class CpDetector:
 # --- PP resistor -> cable rating -----------------------------------------------------
 # Nominal values from STANDARDS.md (unconfirmed): 1.5 kOhm 13 A, 680 Ohm 20 A,
 # 220 Ohm 32 A, 100 Ohm 63 A. Bands around each (unconfirmed, configurable later);
-# gaps between bands, a short (< 80 Ohm) and 2.46 k .. 5 k are invalid.
-PP_NONE = const(0)     # open: no cable plugged
-PP_OK = const(1)
-PP_INVALID = const(2)  # outside every band: no current, flagged
-PP_OPEN_OHMS = const(5000)
-
-
-def pp_state(pp_ohms):
-    if pp_ohms is None:
-        return PP_OK  # no PP circuit (tethered cable): covered by the hardware rating
-    if pp_ohms >= PP_OPEN_OHMS:
-        return PP_NONE
-    if cable_rating_da(pp_ohms) > 0:
-        return PP_OK
-    return PP_INVALID
+# gaps between bands, a short (< 80 Ohm) and 2.46 k .. 5 k are invalid; an open line
+# (pilot_decode.PP_OPEN_OHMS and above: no cable) gets 0 too.
 
 
 def cable_rating_da(pp_ohms):

@@ -6,10 +6,7 @@
 # The named, described tables (input_map/holding_map/broadcast_map) live in
 # regmap_tables.py, which a board never imports: their strings would cost it ~8 KB of
 # RAM. The gateway, the HIL and the docs generator import them from there.
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 # -- input registers (FC04), filled by the controller every step ------------------------
 IR_STATUS = const(0)              # firmware.status ST_*
@@ -88,6 +85,18 @@ FLAG_DISABLED = const(0x0200)
 # Index = bit number.
 FLAG_NAMES = ("overdraw", "meter_failure", "rcd", "cp_short", "diode", "contactor", "config",
               "failsafe_active", "paused", "disabled")
+# The flag each error code (firmware.status ERR_*, the index) sets; 0: none.
+ERROR_FLAGS = (
+    0,                      # ERR_NONE
+    FLAG_OVERDRAW,          # ERR_OVER_CURRENT
+    FLAG_METER_FAILURE,     # ERR_POWER_METER
+    FLAG_RCD,               # ERR_GROUND
+    FLAG_CP_SHORT,          # ERR_CP_SHORT
+    FLAG_DIODE,             # ERR_DIODE
+    FLAG_CONTACTOR,         # ERR_CONTACTOR
+    FLAG_CONFIG,            # ERR_CONFIG
+    0,                      # ERR_INTERNAL
+)
 
 
 # Valid range of each holding register, indexed by address: the slave checks every

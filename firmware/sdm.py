@@ -3,10 +3,7 @@
 # float32 values (two registers, high word first, big-endian) into the integers the
 # firmware works in: voltage 0.1 V, current 0.1 A, power W, energy Wh, frequency 0.01 Hz.
 # The simulated meter in hil/models imports these tables: one register map, used by both.
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 SDM630 = "sdm630"
 SDM120 = "sdm120"

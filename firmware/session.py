@@ -38,10 +38,7 @@ from firmware.status import (
     ST_UNAVAILABLE,
 )
 
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 # Event kinds in the ring.
 EV_SESSION_START = const(1)
@@ -62,7 +59,7 @@ DIODE_UNKNOWN = const(0)     # the PWM was not running: the low level says nothi
 DIODE_OK = const(1)
 DIODE_MISSING = const(2)
 
-PWM_OFF_OPEN_MS = const(6000)  # EV still in C this long after PWM off: open under load
+_PWM_OFF_OPEN_MS = const(6000)  # EV still in C this long after PWM off: open under load
 _MAX_ID = const(0x3FFFFFFF)
 
 
@@ -232,7 +229,7 @@ class Session:
             self._pwm_off = True
             self._pwm_off_ms = now_ms
             self._pwm_off_long = False
-        elif not self._pwm_off_long and elapsed_ms(now_ms, self._pwm_off_ms) >= PWM_OFF_OPEN_MS:
+        elif not self._pwm_off_long and elapsed_ms(now_ms, self._pwm_off_ms) >= _PWM_OFF_OPEN_MS:
             self._pwm_off_long = True
         self.pwm_on = pwm
 
@@ -249,18 +246,19 @@ class Session:
         self.contactor_on = close
 
         if faulted:
-            self.status = ST_FAULTED
+            st = ST_FAULTED
         elif not enabled:
-            self.status = ST_UNAVAILABLE
+            st = ST_UNAVAILABLE
         elif cp == CP_A:
-            self.status = ST_AVAILABLE
+            st = ST_AVAILABLE
         elif self._finishing:
-            self.status = ST_FINISHING
+            st = ST_FINISHING
         elif not pwm:
-            self.status = ST_SUSPENDED_EVSE
+            st = ST_SUSPENDED_EVSE
         elif in_c:
-            self.status = ST_CHARGING
+            st = ST_CHARGING
         elif self.charged:
-            self.status = ST_SUSPENDED_EV
+            st = ST_SUSPENDED_EV
         else:
-            self.status = ST_PREPARING
+            st = ST_PREPARING
+        self.status = st

@@ -4,10 +4,7 @@
 # LIMIT_SOURCE_NAMES; index == code), read through this module: `from firmware.status
 # import STATUS_NAMES` loads them on first use, so a board that never sends a name (the
 # Modbus links) never holds them. Append only: never renumber.
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 # IEC 61851 control pilot states.
 CP_A = const(0)  # no vehicle (+12 V)

@@ -30,7 +30,7 @@ from firmware.session import EV_SESSION_START, EV_SESSION_STOP
 from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
 from hil.replay.target import ColumnInputs, ColumnOutputs, TargetError
 
-PP_OPEN_OHMS = 100_000  # no cable: far above firmware.pilot.PP_OPEN_OHMS
+PP_OPEN_OHMS = 100_000  # no cable: far above firmware.pilot_decode.PP_OPEN_OHMS
 _F32 = struct.Struct(">f")
 OFF_STATUS = "Unavailable"  # what a column without power reports (nothing, really)
 

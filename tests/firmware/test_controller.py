@@ -4,7 +4,8 @@ from test_session import Rig, cfg
 
 from firmware.controller import DEFAULTS, Controller
 from firmware.limits import REJECTED
-from firmware.pilot import DUTY_NO_CURRENT, DUTY_STATE_F, current_da_for_duty, duty_for_current_da
+from firmware.pilot import DUTY_NO_CURRENT, DUTY_STATE_F, duty_for_current_da
+from firmware.pilot_decode import current_da_for_duty
 from firmware.status import (
     CP_A,
     CP_B,

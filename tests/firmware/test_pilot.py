@@ -2,19 +2,14 @@
 from firmware.pilot import (
     DUTY_NO_CURRENT,
     DUTY_STATE_F,
-    PP_INVALID,
-    PP_NONE,
-    PP_OK,
     CpDetector,
     cable_rating_da,
     cp_state_for_mv,
-    current_da_for_duty,
     diode_ok,
     duty_for_current_da,
-    duty_u16,
     elapsed_ms,
-    pp_state,
 )
+from firmware.pilot_decode import PP_INVALID, PP_NONE, PP_OK, current_da_for_duty, duty_u16, pp_state
 from firmware.status import CP_A, CP_B, CP_C, CP_D, CP_E, CP_F
 
 # (current da, duty 0.01 %): 0.6 A per % up to 85 %, 2.5 A per % above, 80 A at 96 %.

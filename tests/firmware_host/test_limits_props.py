@@ -29,7 +29,8 @@ import sys
 
 from firmware.controller import DEFAULTS, Controller
 from firmware.limits import MAX_VALIDITY_S, REJECTED
-from firmware.pilot import cable_rating_da, current_da_for_duty
+from firmware.pilot import cable_rating_da
+from firmware.pilot_decode import current_da_for_duty
 from firmware.status import CP_A, CP_B, CP_C, CP_D, CP_E
 
 _HIGH = (12000, 9000, 6000, 3000, 0, -12000)

@@ -17,8 +17,6 @@ except ImportError:  # CPython
 MAX_DEPTH = const(16)    # nested arrays/maps/tags a decoded item may have
 MAX_ITEMS = const(2048)  # data items one loads() call may produce
 _BREAK = const(0xFF)
-_F32_MAX = 3.4028234663852886e38
-_2_64 = 1 << 64
 
 
 class CBORError(ValueError):
@@ -48,11 +46,13 @@ def _head(out, major, n):
     if n < 24:
         out.append(mt | n)
         return
-    for ai, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if n >> (8 * size) == 0:
-            out.append(mt | ai)
-            out.extend(n.to_bytes(size, "big"))
-            return
+    ai = 24  # then 25, 26, 27 for 2, 4, 8 bytes
+    size = 1
+    while n >> (8 * size):
+        ai += 1
+        size <<= 1
+    out.append(mt | ai)
+    out.extend(n.to_bytes(size, "big"))
 
 
 def _enc(out, obj, depth):
@@ -67,7 +67,7 @@ def _enc(out, obj, depth):
         if obj < 0:
             major = 1
             obj = -1 - obj
-        if obj < _2_64:
+        if not obj >> 64:
             _head(out, major, obj)
         else:  # bignum: tag 2 (or 3 for negatives) over the big-endian magnitude
             size = 9
@@ -85,7 +85,7 @@ def _enc(out, obj, depth):
             out.append(0xF9)
             out.extend(half.to_bytes(2, "big"))
             return
-        if -_F32_MAX <= obj <= _F32_MAX:
+        if abs(obj) <= 3.4028234663852886e38:  # the largest float32
             raw = struct.pack(">f", obj)
             if struct.unpack(">f", raw)[0] == obj:
                 out.append(0xFA)
@@ -109,7 +109,7 @@ def _enc(out, obj, depth):
                 kb = bytearray()
                 _enc(kb, key, depth + 1)
                 pairs.append((bytes(kb), obj[key]))
-            pairs.sort(key=lambda p: p[0])
+            pairs.sort()  # by the encoded key bytes (tied only by two NaN keys)
             _head(out, 5, len(pairs))
             for kb, value in pairs:
                 out.extend(kb)

@@ -10,6 +10,11 @@ from firmware.clock import elapsed_ms as _elapsed
 from firmware.frames import MAX_PAYLOAD, FrameReader, encode_frame
 from firmware.messages import CALL, MAX_ID, RESULT, MessageError
 
+if 0:  # never runs: names the counters longer than 10 characters, so that mpy-cross makes
+    # them interned qstrs rather than heap string objects (see firmware/messages.py)
+    bad_messages = unknown_actions = unsupported = handler_errors = errors_sent = 0
+    tx_failures = calls_refused = callback_errors = internal_errors = garbage_bytes = 0
+
 COUNTERS = (
     "rx_frames",        # frames with a good CRC (bad ones: reader.bad_crc, .oversize, ...)
     "rx_calls",         # valid calls dispatched to a handler
@@ -30,8 +35,6 @@ COUNTERS = (
     "rx_stale",         # partial frames given up after the line went quiet
     "internal_errors",  # anything unexpected, caught so the link keeps running
 )
-
-
 
 
 class Link:

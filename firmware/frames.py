@@ -42,13 +42,13 @@ class FrameReader:
     """
 
     def __init__(self, max_payload=MAX_PAYLOAD):
-        self._buf = bytearray(max_payload + OVERHEAD)  # one whole frame: max_payload is read from it
+        self.max_payload = max_payload  # the longest payload taken (longer LENs count as oversize)
+        self._buf = bytearray(max_payload + OVERHEAD)  # one whole frame
         self._mv = memoryview(self._buf)
         self._n = 0  # bytes held in _buf; when > 0, _buf[0] is a SYNC byte
         self._done = 0  # length of the frame last returned, still at the front of _buf
-        self._src = b""
+        self._src = b""  # the chunk fed last, read from _pos on
         self._pos = 0
-        self._end = 0
         self.frames = 0         # good frames returned
         self.bad_crc = 0        # candidate frames whose CRC did not match
         self.oversize = 0       # candidate frames with LEN 0 or LEN > max_payload
@@ -56,16 +56,11 @@ class FrameReader:
         self.dropped = 0        # bytes of a chunk replaced by feed() before they were read
 
     def feed(self, chunk):
-        if self._pos < self._end:
-            self.dropped += self._end - self._pos
+        left = len(self._src) - self._pos
+        if left > 0:
+            self.dropped += left
         self._src = chunk
         self._pos = 0
-        self._end = len(chunk)
-
-    @property
-    def max_payload(self):
-        """The longest payload taken (longer LENs count as oversize)."""
-        return len(self._buf) - OVERHEAD
 
     @property
     def pending(self):
@@ -78,7 +73,6 @@ class FrameReader:
         self._done = 0
         self._src = b""
         self._pos = 0
-        self._end = 0
 
     def abort(self):
         """Give up on the partial frame (the line went quiet): drop its SYNC and hunt on."""
@@ -95,7 +89,7 @@ class FrameReader:
                 # Hunt: skip source bytes up to a SYNC and start a frame with it.
                 src = self._src
                 pos = self._pos
-                end = self._end
+                end = len(src)
                 while pos < end and src[pos] != SYNC:
                     pos += 1
                 self.garbage_bytes += pos - self._pos
@@ -130,7 +124,7 @@ class FrameReader:
         src = self._src
         n = self._n
         pos = self._pos
-        end = self._end
+        end = len(src)
         while n < count and pos < end:
             buf[n] = src[pos]
             n += 1

@@ -16,6 +16,18 @@ RESULT = const(3)
 ERROR = const(4)
 MAX_ID = const(0x7FFFFFFF)
 
+if 0:  # never runs. mpy-cross keeps a string literal longer than 10 characters as a heap
+    # string object unless its text was seen as a name earlier in the file: naming them here
+    # makes the long error codes, action, field and enum names below interned qstrs (shared
+    # with gw_cbor's keyword arguments), about 50 B of a board's RAM each.
+    InternalError = ProtocolError = SecurityError = FormationViolation = TypeConstraintViolation = 0
+    PropertyConstraintViolation = OccurrenceConstraintViolation = GenericError = NotSupported = 0
+    BootNotification = StatusNotification = MeterValues = StartTransaction = StopTransaction = 0
+    SetChargingLimit = GetConfiguration = ChangeConfiguration = TriggerMessage = 0
+    firmwareVersion = hardwareRatingA = configError = heartbeatIntervalS = currentTimeMs = 0
+    limitSource = sessionEnergyWh = meterStartWh = meterStopWh = configuration = unknownKeys = 0
+    requestedMessage = RebootRequired = EVDisconnected = EmergencyStop = 0
+
 # OCPP-J error codes.
 NOT_IMPLEMENTED = "NotImplemented"
 NOT_SUPPORTED = "NotSupported"
@@ -35,20 +47,14 @@ ERROR_CODES = (NOT_IMPLEMENTED, NOT_SUPPORTED, INTERNAL_ERROR, PROTOCOL_ERROR, S
 FROM_COLUMN = "column"
 FROM_GATEWAY = "gateway"
 
-# Field kinds. A field is (name, kind, required, arg):
-#   INT, NUM  arg = (lo, hi) inclusive, None for an open end (NUM: int or finite float)
-#   STR       arg = maximum length in characters
-#   ENUM      arg = tuple of allowed values (the value's type must match, so 1.0 is not 1)
-#   LIST      arg = (item kind, min items, max items, item arg)
-#   MAP       arg = None (str keys, any values);  ANY: arg = None (any CBOR value)
-INT = "int"
-NUM = "num"
-STR = "str"
-ENUM = "enum"
-LIST = "list"
-MAP = "map"
-ANY = "any"
-_KINDS = (INT, NUM, STR, ENUM, LIST, MAP, ANY)  # index = the kind's code in _SPECS
+# Field kinds. The host's view of the contract (firmware/messages_tables.py: ACTIONS, with
+# each field as (name, kind, required, arg)) names them:
+#   int, num  arg = (lo, hi) inclusive, None for an open end (num: int or finite float)
+#   str       arg = maximum length in characters
+#   enum      arg = tuple of allowed values (the value's type must match, so 1.0 is not 1)
+#   list      arg = (item kind, min items, max items, item arg)
+#   map       arg = None (str keys, any values);  any: arg = None (any CBOR value)
+_KINDS = ("int", "num", "str", "enum", "list", "map", "any")  # index = the kind's code in _SPECS
 _I = const(0)
 _N = const(1)
 _S = const(2)
@@ -58,133 +64,103 @@ _M = const(5)
 _A = const(6)
 _OPT = const(8)  # added to a kind code: the field may be left out
 
-_AMPS = (0, 80)
-_UINT = (0, None)
-_U31 = (0, MAX_ID)
-_PHASE_NUMS = (NUM, 3, 3, None)
-_KEYS = (STR, 0, 32, 64)
-_ACCEPTED = ("Accepted", "Rejected")
-_TRIGGERABLE = ("BootNotification", "Heartbeat", "StatusNotification", "MeterValues")
 STOP_REASONS = ("Local", "Remote", "EVDisconnected", "PowerLoss", "Reboot", "EmergencyStop", "Other")
 
 _RES = "/"  # in a spec: the result fields follow
 
-# The contract. Per action: who sends the call, its request fields, _RES, its result
-# fields; three slots a field: name, kind code (+ _OPT), arg. Flat tuples spare a board
-# some 60 small ones, and the keyword form makes the action names interned names.
-# ACTIONS (below) is the same as nested tuples, in _ORDER, the documentation order.
-_SPECS = dict(
-    BootNotification=(
+# The contract: per action, its name, then who sends the call, its request fields, _RES, its
+# result fields; three slots a field: name, kind code (+ _OPT), arg. In documentation order.
+# Flat tuples spare a board some 60 small objects (firmware/messages_tables.py nests them).
+_SPECS = (
+    "BootNotification", (
         FROM_COLUMN,
         "columnId", _S, 64,
         "firmwareVersion", _S, 32,
         "model", _S, 64,
         "phases", _E, (1, 3),
-        "hardwareRatingA", _N, _AMPS,
+        "hardwareRatingA", _N, (0, 80),
         "busAddress", _I, (0, 247),
         "configError", _S + _OPT, 200,
         _RES,
-        "status", _E, _ACCEPTED,
+        "status", _E, ("Accepted", "Rejected"),
         "heartbeatIntervalS", _I, (1, 86400),
-        "currentTimeMs", _I, _UINT,
+        "currentTimeMs", _I, (0, None),
     ),
-    Heartbeat=(
+    "Heartbeat", (
         FROM_COLUMN,
         _RES,
-        "currentTimeMs", _I, _UINT,
+        "currentTimeMs", _I, (0, None),
     ),
-    StatusNotification=(
+    "StatusNotification", (
         FROM_COLUMN,
         "status", _E, STATUS_NAMES,
         "errorCode", _E, ERROR_NAMES,
         "cpState", _E, CP_NAMES,
-        "offeredA", _N, _AMPS,
+        "offeredA", _N, (0, 80),
         "limitSource", _E, LIMIT_SOURCE_NAMES,
         _RES,
     ),
-    MeterValues=(
+    "MeterValues", (
         FROM_COLUMN,
-        "energyWh", _I, _UINT,
-        "sessionEnergyWh", _I, _UINT,
+        "energyWh", _I, (0, None),
+        "sessionEnergyWh", _I, (0, None),
         "powerW", _N, (-1000000, 1000000),
-        "currentA", _L, _PHASE_NUMS,
-        "voltageV", _L, _PHASE_NUMS,
-        "offeredA", _N, _AMPS,
-        "seq", _I, _U31,
+        "currentA", _L, ("num", 3, 3, None),
+        "voltageV", _L, ("num", 3, 3, None),
+        "offeredA", _N, (0, 80),
+        "seq", _I, (0, MAX_ID),
         _RES,
     ),
-    StartTransaction=(
+    "StartTransaction", (
         FROM_COLUMN,
-        "sessionId", _I, _U31,
-        "meterStartWh", _I, _UINT,
+        "sessionId", _I, (0, MAX_ID),
+        "meterStartWh", _I, (0, None),
         _RES,
     ),
-    StopTransaction=(
+    "StopTransaction", (
         FROM_COLUMN,
-        "sessionId", _I, _U31,
-        "meterStopWh", _I, _UINT,
+        "sessionId", _I, (0, MAX_ID),
+        "meterStopWh", _I, (0, None),
         "reason", _E, STOP_REASONS,
         _RES,
     ),
-    SetChargingLimit=(
+    "SetChargingLimit", (
         FROM_GATEWAY,
-        "limitA", _N, _AMPS,
+        "limitA", _N, (0, 80),
         "validityS", _I, (0, 86400),
-        "failsafeA", _N + _OPT, _AMPS,
+        "failsafeA", _N + _OPT, (0, 80),
         _RES,
-        "status", _E, _ACCEPTED,
-        "appliedA", _N, _AMPS,
+        "status", _E, ("Accepted", "Rejected"),
+        "appliedA", _N, (0, 80),
     ),
-    GetConfiguration=(
+    "GetConfiguration", (
         FROM_GATEWAY,
-        "keys", _L + _OPT, _KEYS,
+        "keys", _L + _OPT, ("str", 0, 32, 64),
         _RES,
         "configuration", _M, None,
-        "unknownKeys", _L, _KEYS,
+        "unknownKeys", _L, ("str", 0, 32, 64),
     ),
-    ChangeConfiguration=(
+    "ChangeConfiguration", (
         FROM_GATEWAY,
         "key", _S, 64,
         "value", _A, None,
         _RES,
         "status", _E, ("Accepted", "Rejected", "RebootRequired", "NotSupported"),
     ),
-    Reset=(
+    "Reset", (
         FROM_GATEWAY,
         "type", _E, ("Soft", "Hard"),
         _RES,
-        "status", _E, _ACCEPTED,
+        "status", _E, ("Accepted", "Rejected"),
     ),
-    TriggerMessage=(
+    "TriggerMessage", (
         FROM_GATEWAY,
-        "requestedMessage", _E, _TRIGGERABLE,
+        "requestedMessage", _E, ("BootNotification", "Heartbeat", "StatusNotification", "MeterValues"),
         _RES,
         "status", _E, ("Accepted", "Rejected", "NotImplemented"),
     ),
 )
-_ORDER = ("BootNotification", "Heartbeat", "StatusNotification", "MeterValues", "StartTransaction",
-          "StopTransaction", "SetChargingLimit", "GetConfiguration", "ChangeConfiguration", "Reset",
-          "TriggerMessage")
-
-
-def __getattr__(name):
-    """ACTIONS: (action, direction, request fields, result fields) per action, fields as
-    (name, kind, required, arg), built on first use: the gateway, the HIL and the docs
-    read it, a board never does."""
-    if name != "ACTIONS":
-        raise AttributeError(name)
-    global ACTIONS
-    out = []
-    for action in _ORDER:
-        spec = _SPECS[action]
-        r = spec.index(_RES)
-        sides = []
-        for lo, hi in ((1, r), (r + 1, len(spec))):
-            sides.append(tuple([(spec[j], _KINDS[spec[j + 1] & 7], not spec[j + 1] & _OPT, spec[j + 2])
-                                for j in range(lo, hi, 3)]))
-        out.append((action, spec[0], sides[0], sides[1]))
-    ACTIONS = tuple(out)
-    return ACTIONS
+del CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES  # read once: no module slots for them
 
 
 class MessageError(ValueError):
@@ -201,27 +177,18 @@ class MessageError(ValueError):
         self.description = description
 
 
-def _spec(action):
-    return _SPECS.get(action) if type(action) is str else None
-
-
-def action_spec(action):
-    """(action, direction, request fields, result fields), or None for an unknown action."""
-    if _spec(action) is None:
-        return None
-    return __getattr__("ACTIONS")[_ORDER.index(action)]
-
-
 def direction(action):
-    spec = _spec(action)
-    return None if spec is None else spec[0]
+    """Who sends the action's call; None for an action outside the contract."""
+    if type(action) is str and action in _SPECS:
+        return _SPECS[_SPECS.index(action) + 1][0]
+    return None
 
 
 def validate_payload(action, payload, is_result=False):
     """Raise MessageError unless payload is a valid request (or result) of action."""
-    spec = _spec(action)
-    if spec is None:
+    if type(action) is not str or action not in _SPECS:
         raise MessageError(NOT_IMPLEMENTED, "unknown action %r" % (action,))
+    spec = _SPECS[_SPECS.index(action) + 1]
     if not isinstance(payload, dict):
         raise MessageError(FORMATION_VIOLATION, "%s payload must be a map" % action)
     r = spec.index(_RES)
@@ -292,17 +259,17 @@ def _check(kind, arg, v, name):
 
 def describe(kind, arg):
     """Human text of a field's type and range, e.g. 'num 0..80' (used by the docs too)."""
-    if kind in (INT, NUM):
+    if kind in ("int", "num"):
         if arg is None or (arg[0] is None and arg[1] is None):
             return kind
         if arg[1] is None:
             return "%s >= %s" % (kind, arg[0])
         return "%s %s..%s" % (kind, arg[0], arg[1])
-    if kind == STR:
+    if kind == "str":
         return "str (at most %d chars)" % arg
-    if kind == ENUM:
-        return "one of " + ", ".join([str(a) for a in arg])
-    if kind == LIST:
+    if kind == "enum":
+        return "one of " + ", ".join(map(str, arg))
+    if kind == "list":
         count = str(arg[1]) if arg[1] == arg[2] else "%d..%d" % (arg[1], arg[2])
         return "list of %s %s" % (count, arg[0])
     return kind

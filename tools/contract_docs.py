@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from firmware import frames, messages, regmap, regmap_tables, status
+from firmware import frames, messages, messages_tables, regmap, regmap_tables, status
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "docs" / "firmware-contract.md"
@@ -93,7 +93,7 @@ def _messages() -> list[str]:
            "| CBOR payload | CRC-16/MODBUS over LEN+payload (2, low byte first)`, payload at most",
            f"{frames.MAX_PAYLOAD} bytes.", ""]
     rows = [(action, "column" if sender == messages.FROM_COLUMN else "gateway", _fields(request),
-             _fields(result)) for action, sender, request, result in messages.ACTIONS]
+             _fields(result)) for action, sender, request, result in messages_tables.ACTIONS]
     out += _table(("action", "sent by", "request payload", "result payload"), rows)
     out += ["", "Error codes: " + ", ".join(f"`{c}`" for c in messages.ERROR_CODES) + "."]
     return out

@@ -12,27 +12,17 @@ import json
 import os
 import select
 import subprocess
-import termios
-import tty
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from hil.models.sdm_meter import SdmMeterModel, ThreadedSdmMeter
+from hil.rig.fd_relay import open_raw
 from hil.rig.firmware_proc import REPO, start_firmware, stop_process
 from hil.rig.serial_pair import SerialPair
 
 RUNNER = REPO / "hil" / "vcolumn_main.py"
 SERIAL_LINKS = ("modbus-rtu", "cbor-serial")
-
-
-def _open_raw(path: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    tty.setraw(fd)
-    attrs = termios.tcgetattr(fd)
-    attrs[3] &= ~termios.ECHO
-    termios.tcsetattr(fd, termios.TCSANOW, attrs)
-    return fd
 
 
 class VirtualColumn:
@@ -81,7 +71,7 @@ class VirtualColumn:
                                         baudrate=self.config.get("meter", {}).get("baud", 9600))
         meter_server.start()
         stack.callback(meter_server.stop)
-        self._io_fd = _open_raw(io_line.a_path)
+        self._io_fd = open_raw(io_line.a_path)
         stack.callback(os.close, self._io_fd)
         self.proc = start_firmware(self.interp, RUNNER, ["column.json", meter_line.b_path, link_arg,
                                                          io_line.b_path],

@@ -1,7 +1,7 @@
 # firmware.messages: the message-set contract, its validation and its frame builders.
 from fwtest import hexbytes, raises
 
-from firmware import cbor, messages
+from firmware import cbor, messages, messages_tables
 from firmware.messages import MessageError
 
 VALID = {
@@ -36,16 +36,16 @@ INF = float("inf")
 
 
 def test_the_contract_names_every_action_once_with_its_direction():
-    names = [spec[0] for spec in messages.ACTIONS]
+    names = [spec[0] for spec in messages_tables.ACTIONS]
     assert names == ["BootNotification", "Heartbeat", "StatusNotification", "MeterValues",
                      "StartTransaction", "StopTransaction", "SetChargingLimit", "GetConfiguration",
                      "ChangeConfiguration", "Reset", "TriggerMessage"]
-    for spec in messages.ACTIONS:
+    for spec in messages_tables.ACTIONS:
         expected = messages.FROM_COLUMN if names.index(spec[0]) < 6 else messages.FROM_GATEWAY
         assert spec[1] == expected and messages.direction(spec[0]) == expected
         for field in spec[2] + spec[3]:
             assert len(field) == 4 and field[1] in ("int", "num", "str", "enum", "list", "map", "any")
-    assert messages.direction("Nope") is None and messages.action_spec("Nope") is None
+    assert messages.direction("Nope") is None and messages_tables.action_spec("Nope") is None
     assert sorted(VALID) == sorted(names)
 
 

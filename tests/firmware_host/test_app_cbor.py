@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from firmware import cbor, messages
+from firmware import cbor, messages, messages_tables
 from firmware.cbor_link import Link
 from firmware.frames import FrameReader, encode_frame
+from hil.rig.fd_relay import open_raw
 from hil.rig.firmware_proc import INTERPRETERS
 from hil.rig.ports import free_port
-from hil.rig.vcolumn import VirtualColumn, _open_raw
+from hil.rig.vcolumn import VirtualColumn
 from tools.firmware_build import build
 
 # Every leg runs with the heap the other firmware tests use: the whole CBOR-link app,
@@ -53,7 +54,8 @@ class Gateway:
                 return {}
             return handler
 
-        handlers = {a: record(a) for a, side, _q, _r in messages.ACTIONS if side == messages.FROM_COLUMN}
+        handlers = {a: record(a) for a, side, _q, _r in messages_tables.ACTIONS
+                    if side == messages.FROM_COLUMN}
         self.send_raw = send
         self.link = Link(send, handlers, side=messages.FROM_GATEWAY)
 
@@ -101,7 +103,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _serial_gateway(vcol: VirtualColumn) -> Iterator[Gateway]:
     assert vcol.link_path is not None
-    fd = _open_raw(vcol.link_path)
+    fd = open_raw(vcol.link_path)
 
     def recv() -> bytes:
         if select.select([fd], [], [], 0)[0]:

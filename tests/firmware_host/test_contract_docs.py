@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from firmware import messages, regmap_tables
+from firmware import messages_tables, regmap_tables
 from tools import contract_docs
 
 
@@ -19,7 +19,7 @@ def test_every_register_appears_in_the_rendered_doc() -> None:
 
 def test_every_message_and_field_appears_in_the_rendered_doc() -> None:
     text = contract_docs.render()
-    for action, _sender, request, result in messages.ACTIONS:
+    for action, _sender, request, result in messages_tables.ACTIONS:
         assert f"| {action} |" in text
         for name, *_ in (*request, *result):
             assert f"`{name}`" in text

@@ -28,9 +28,10 @@ import pytest
 from firmware import cbor, regmap
 from firmware.crc import crc16
 from firmware.frames import FrameReader, encode_frame
+from hil.rig.fd_relay import open_raw
 from hil.rig.firmware_proc import INTERPRETERS
 from hil.rig.ports import free_port
-from hil.rig.vcolumn import VirtualColumn, _open_raw
+from hil.rig.vcolumn import VirtualColumn
 from tools.firmware_build import build
 
 UNIT = 6
@@ -191,7 +192,7 @@ class Bus:
     """The gateway's end of the RS-485 line, raw: a request out, the reply bytes back."""
 
     def __init__(self, path: str) -> None:
-        self.fd = _open_raw(path)
+        self.fd = open_raw(path)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -9,10 +9,7 @@
 import math
 import struct
 
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 MAX_DEPTH = const(16)    # nested arrays/maps/tags a decoded item may have
 MAX_ITEMS = const(2048)  # data items one loads() call may produce

@@ -12,10 +12,7 @@ from firmware.messages import MessageError
 from firmware.session import STOP_REASON_NAMES
 from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
 
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x  # noqa: E731
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 _BOOT_RETRY_FIRST_MS = const(1000)  # a boot nobody answered is sent again after 1 s ...
 _BOOT_RETRY_MAX_MS = const(30000)   # ... doubling up to 30 s (a gateway that opens late)

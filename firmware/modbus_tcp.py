@@ -5,11 +5,6 @@
 # which a board never loads. Only a modbus-tcp board loads this module (firmware/links.py).
 # Unit ids: the column's bus address or 0xFF address the column; unit 0 is a broadcast as
 # on the RTU bus (limit table only, no reply).
-try:
-    from micropython import const
-except ImportError:  # CPython
-    const = lambda x: x
-
 from firmware import tcp_link
 from firmware.modbus import (
     EX_ILLEGAL_VALUE,
@@ -20,6 +15,8 @@ from firmware.modbus import (
     mbap_frame_length,
     u16,
 )
+
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 _ANY_UNIT = const(0xFF)
 NEED_MORE = const(-1)

@@ -459,4 +459,17 @@ def _bottleneck(r: dict[str, Any], steps: list[dict[str, Any]], profile: dict[st
     ratio = r["baseline"].get("gateway_cost_ratio")
     out.append(f"Cost ratio: the gateway's CPU per column-second is {ratio}x one raw pymodbus poll plus one "
                "raw paho QoS 1 message.")
+    base = r["baseline"]
+    budget_us = 1e6 * CPU_MAX / GOAL_COLUMNS
+    poll_us, msg_us = base.get("pymodbus_cpu_us_per_poll") or 0.0, base.get("paho_cpu_us_per_msg") or 0.0
+    if msg_us:
+        text = (f"The goal leaves {budget_us:.0f} µs of CPU per column and second ({CPU_MAX:.0%} of a "
+                f"core over {GOAL_COLUMNS:,} columns); in this run raw paho alone spends {msg_us:.0f} µs "
+                f"on one QoS 1 message ({msg_us / budget_us:.2f} of that budget), raw pymodbus "
+                f"{poll_us:.0f} µs on one poll.")
+        if msg_us > budget_us / 2:
+            text += (" Publishing through paho, the rest of a column's second (its poll, its reading, "
+                     "its telemetry, the control step) would have to fit in what paho leaves: the goal "
+                     "needs an MQTT client of the gateway's own, not a leaner rest.")
+        out.append(text)
     return out

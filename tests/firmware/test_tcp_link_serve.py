@@ -50,6 +50,30 @@ def _connect(port):
     return sock
 
 
+def _run(mode, body):
+    """Run `await body(app, port, server, connect)` with an app of `mode` serving: connect(port)
+    opens a gateway-side socket. Afterwards every socket it opened is closed and the server
+    cancelled, whatever the body did."""
+    async def main():
+        app, port, server = _serve(mode)
+        socks = []
+
+        def connect(port):
+            sock = _connect(port)
+            socks.append(sock)
+            return sock
+
+        try:
+            await body(app, port, server, connect)
+        finally:
+            for sock in socks:
+                sock.close()
+            server.cancel()
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+
+
 async def _read(sock, want, timeout_ms=5000):
     """(bytes, closed): up to `want` bytes, or what came before the peer closed / the timeout."""
     data = b""
@@ -78,92 +102,68 @@ def _version_reply(app):
 
 
 def test_modbus_tcp_answers_every_request_split_or_joined():
-    async def main():
-        app, port, server = _serve("modbus-tcp")
-        sock = _connect(port)
-        try:
-            sock.send(READ_VERSION)
-            assert await _read(sock, 11) == (_version_reply(app), False)
-            sock.send(READ_VERSION[:5])          # a request in two segments
-            await asyncio.sleep(0.05)
-            sock.send(READ_VERSION[5:])
-            assert await _read(sock, 11) == (_version_reply(app), False)
-            sock.send(READ_VERSION + READ_VERSION)   # two in one
-            assert await _read(sock, 22) == (_version_reply(app) * 2, False)
-            # A write reaches the controller (FC06 to unit 0xFF: the failsafe limit, 7.0 A).
-            write = bytes([0, 9, 0, 0, 0, 6, 0xFF, 6, 0, regmap.HR_FAILSAFE_LIMIT, 0, 70])
-            sock.send(write)
-            assert await _read(sock, 12) == (write, False)   # FC06 echoes the request
-            assert app.ctl.limits.failsafe_da == 70
-        finally:
-            sock.close()
-            server.cancel()
-            await asyncio.sleep(0.02)
+    async def body(app, port, server, connect):
+        sock = connect(port)
+        sock.send(READ_VERSION)
+        assert await _read(sock, 11) == (_version_reply(app), False)
+        sock.send(READ_VERSION[:5])          # a request in two segments
+        await asyncio.sleep(0.05)
+        sock.send(READ_VERSION[5:])
+        assert await _read(sock, 11) == (_version_reply(app), False)
+        sock.send(READ_VERSION + READ_VERSION)   # two in one
+        assert await _read(sock, 22) == (_version_reply(app) * 2, False)
+        # A write reaches the controller (FC06 to unit 0xFF: the failsafe limit, 7.0 A).
+        write = bytes([0, 9, 0, 0, 0, 6, 0xFF, 6, 0, regmap.HR_FAILSAFE_LIMIT, 0, 70])
+        sock.send(write)
+        assert await _read(sock, 12) == (write, False)   # FC06 echoes the request
+        assert app.ctl.limits.failsafe_da == 70
 
-    asyncio.run(main())
+    _run("modbus-tcp", body)
 
 
 def test_a_bad_modbus_header_closes_that_connection_only():
-    async def main():
-        app, port, server = _serve("modbus-tcp")
-        good = _connect(port)
-        bad = _connect(port)
-        try:
-            bad.send(bytes([0, 1, 0, 7, 0, 6, 4, 4, 0, 0, 0, 1]))   # protocol id 7
-            assert await _closed(bad)
-            good.send(READ_VERSION)
-            assert await _read(good, 11) == (_version_reply(app), False)
-        finally:
-            good.close()
-            bad.close()
-            server.cancel()
-            await asyncio.sleep(0.02)
+    async def body(app, port, server, connect):
+        good = connect(port)
+        bad = connect(port)
+        bad.send(bytes([0, 1, 0, 7, 0, 6, 4, 4, 0, 0, 0, 1]))   # protocol id 7
+        assert await _closed(bad)
+        good.send(READ_VERSION)
+        assert await _read(good, 11) == (_version_reply(app), False)
 
-    asyncio.run(main())
+    _run("modbus-tcp", body)
 
 
 def test_beyond_four_modbus_connections_the_oldest_gives_way():
-    async def main():
-        app, port, server = _serve("modbus-tcp")
+    async def body(app, port, server, connect):
         socks = []
-        try:
-            for _ in range(5):
-                sock = _connect(port)
-                socks.append(sock)
-                sock.send(READ_VERSION)    # answered: accepted, in this order
-                assert await _read(sock, 11) == (_version_reply(app), False)
-            assert await _closed(socks[0])
-            for sock in socks[1:]:
-                sock.send(READ_VERSION)
-                assert await _read(sock, 11) == (_version_reply(app), False)
-        finally:
-            for sock in socks:
-                sock.close()
-            server.cancel()
-            await asyncio.sleep(0.02)
+        for _ in range(5):
+            sock = connect(port)
+            socks.append(sock)
+            sock.send(READ_VERSION)    # answered: accepted, in this order
+            assert await _read(sock, 11) == (_version_reply(app), False)
+        assert await _closed(socks[0])
+        for sock in socks[1:]:
+            sock.send(READ_VERSION)
+            assert await _read(sock, 11) == (_version_reply(app), False)
 
-    asyncio.run(main())
+    _run("modbus-tcp", body)
 
 
 def test_cancelling_the_server_closes_the_port_and_its_connections():
-    async def main():
-        app, port, server = _serve("modbus-tcp")
-        sock = _connect(port)
+    async def body(app, port, server, connect):
+        sock = connect(port)
+        sock.send(READ_VERSION)
+        assert await _read(sock, 11) == (_version_reply(app), False)
+        server.cancel()
+        assert await _closed(sock)
+        refused = False
         try:
-            sock.send(READ_VERSION)
-            assert await _read(sock, 11) == (_version_reply(app), False)
-            server.cancel()
-            assert await _closed(sock)
-            refused = False
-            try:
-                _connect(port).close()
-            except OSError:
-                refused = True
-            assert refused
-        finally:
-            sock.close()
+            connect(port)
+        except OSError:
+            refused = True
+        assert refused
 
-    asyncio.run(main())
+    _run("modbus-tcp", body)
 
 
 def _frames(reader, data):
@@ -191,57 +191,39 @@ async def _boot_frames(app, sock):
 
 
 def test_cbor_tcp_serves_one_gateway_at_a_time():
-    async def main():
-        app, port, server = _serve("cbor-tcp")
-        first = _connect(port)
-        second = third = None
-        try:
-            frames = await _boot_frames(app, first)
-            assert frames and frames[0][2] == "BootNotification"
-            second = _connect(port)
-            assert await _closed(second)          # turned away while the first is there
-            first.close()
-            await asyncio.sleep(0.1)
-            third = _connect(port)
-            frames = await _boot_frames(app, third)
-            assert frames and frames[0][2] == "BootNotification"   # boots again on the new one
-        finally:
-            for sock in (first, second, third):
-                if sock is not None:
-                    sock.close()
-            server.cancel()
-            await asyncio.sleep(0.02)
+    async def body(app, port, server, connect):
+        first = connect(port)
+        frames = await _boot_frames(app, first)
+        assert frames and frames[0][2] == "BootNotification"
+        second = connect(port)
+        assert await _closed(second)          # turned away while the first is there
+        first.close()
+        await asyncio.sleep(0.1)
+        third = connect(port)
+        frames = await _boot_frames(app, third)
+        assert frames and frames[0][2] == "BootNotification"   # boots again on the new one
 
-    asyncio.run(main())
+    _run("cbor-tcp", body)
 
 
 def test_a_cbor_gateway_that_stops_reading_loses_the_link():
-    async def main():
-        app, port, server = _serve("cbor-tcp")
-        stalled = _connect(port)
-        fresh = None
-        try:
-            assert await _boot_frames(app, stalled)
-            link = app.link
-            block = bytes(4096)
-            failed = 0
-            for _ in range(20000):        # at most 80 MB: far beyond any socket buffer
-                try:
-                    link._out(block)
-                except OSError:
-                    failed += 1
-                    break
-            assert failed == 1 and link._out is None
-            stalled.send(b"\x00")        # its next bytes wake the connection, which closes
-            await asyncio.sleep(0.2)
-            fresh = _connect(port)
-            frames = await _boot_frames(app, fresh)
-            assert frames and frames[0][2] == "BootNotification"
-        finally:
-            stalled.close()
-            if fresh is not None:
-                fresh.close()
-            server.cancel()
-            await asyncio.sleep(0.02)
+    async def body(app, port, server, connect):
+        stalled = connect(port)
+        assert await _boot_frames(app, stalled)
+        link = app.link
+        block = bytes(4096)
+        failed = 0
+        for _ in range(20000):        # at most 80 MB: far beyond any socket buffer
+            try:
+                link._out(block)
+            except OSError:
+                failed += 1
+                break
+        assert failed == 1 and link._out is None
+        stalled.send(b"\x00")        # its next bytes wake the connection, which closes
+        await asyncio.sleep(0.2)
+        fresh = connect(port)
+        frames = await _boot_frames(app, fresh)
+        assert frames and frames[0][2] == "BootNotification"
 
-    asyncio.run(main())
+    _run("cbor-tcp", body)

@@ -19,7 +19,7 @@ except ImportError:  # MicroPython
 from firmware.controller import Controller
 from firmware.frames import SYNC
 from firmware.gw_cbor import CborLink
-from fuzz.fw.common import LATER, PERIODIC, QUIET, Finding, chunks, mix, ref_crc, segments
+from fuzz.fw.common import LATER, PERIODIC, QUIET, DigestHarness, Finding, chunks, ref_crc, segments
 
 CONFIG = {
     "column_id": "fuzz-c1", "bus_address": 1, "phases": 3, "hardware_rating_a": 32,
@@ -117,26 +117,10 @@ def parse_frames_lenient(data):
     return out
 
 
-class Harness:
+class Harness(DigestHarness):
     """run(data) feeds one input to a fresh column link; returns the errors counted (as
     text) or None; raises Finding when a property is broken. `digest` sums up what the
     column sent, to compare the two interpreters."""
-
-    def __init__(self, workdir):
-        self.config_path = workdir + "/column.json"   # ChangeConfiguration writes it (never reads it)
-        self._parts = []
-
-    @property
-    def digest(self):
-        """Made on demand: only the interpreter comparison needs it."""
-        d = 2166136261   # FNV-1a offset basis
-        for part in self._parts:
-            d = mix(d, part)
-        return d
-
-    @digest.setter
-    def digest(self, value):   # mpy_run.py clears it before each input
-        self._parts = []
 
     def _fresh(self):
         app = App(self.config_path)

@@ -83,3 +83,25 @@ def mix(digest, data):
     for b in data:
         h = ((h ^ b) * 16777619) & 0xFFFFFFFF
     return h
+
+
+class DigestHarness:
+    """What both firmware harnesses share: the column's config file in the work folder, and
+    `digest`, the sum of what the column sent (the parts a harness records), to compare the
+    two interpreters."""
+
+    def __init__(self, workdir):
+        self.config_path = workdir + "/column.json"
+        self._parts = []
+
+    @property
+    def digest(self):
+        """Made on demand: only the interpreter comparison needs it."""
+        d = 2166136261   # FNV-1a offset basis
+        for part in self._parts:
+            d = mix(d, part)
+        return d
+
+    @digest.setter
+    def digest(self, value):   # mpy_run.py clears it before each input
+        self._parts = []

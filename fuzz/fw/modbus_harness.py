@@ -14,7 +14,7 @@
 from firmware import regmap
 from firmware.controller import Controller
 from firmware.gw_modbus import ModbusLink
-from fuzz.fw.common import LATER, QUIET, Finding, chunks, mix, ref_crc, segments, with_crc
+from fuzz.fw.common import LATER, QUIET, DigestHarness, Finding, chunks, ref_crc, segments, with_crc
 
 UNIT = 7
 CONFIG = {
@@ -293,27 +293,14 @@ class _Run:
                               % (frame.hex(), i, link.holding[i], model.hold[i]))
 
 
-class Harness:
+class Harness(DigestHarness):
     """run(data) feeds one input to a fresh column; returns the errors seen (counters and
     exception replies) as text, or None; raises Finding when a property is broken.
     `digest` sums up what the column sent, to compare the two interpreters."""
 
     def __init__(self, workdir):
-        self.config_path = workdir + "/column.json"
+        super().__init__(workdir)
         self._config_written = False
-        self._parts = []
-
-    @property
-    def digest(self):
-        """Made on demand: only the interpreter comparison needs it."""
-        d = 2166136261   # FNV-1a offset basis
-        for part in self._parts:
-            d = mix(d, part)
-        return d
-
-    @digest.setter
-    def digest(self, value):   # mpy_run.py clears it before each input
-        self._parts = []
 
     def _fresh(self):
         if not self._config_written:   # the file an address move rewrites

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from firmware import regmap, status
+from firmware import regmap, status, status_names
 
 _MBAP = struct.Struct(">HHHB")
 
@@ -37,7 +37,7 @@ def column_image() -> bytes:
     """The input registers of a column charging at 16 A on three phases, big-endian."""
     image = [0] * regmap.INPUT_COUNT
     image[regmap.IR_STATUS] = status.ST_CHARGING
-    image[regmap.IR_CP_STATE] = status.CP_NAMES.index("C")
+    image[regmap.IR_CP_STATE] = status_names.CP_NAMES.index("C")
     image[regmap.IR_LIMIT_SOURCE] = status.SRC_GATEWAY
     image[regmap.IR_OFFERED_CURRENT] = 160
     for i in range(3):

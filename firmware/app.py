@@ -8,7 +8,7 @@
 # last feed, so a hung task resets the board).
 import asyncio
 
-from firmware import clock
+from . import clock
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 

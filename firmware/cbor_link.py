@@ -4,11 +4,11 @@
 # (or raise MessageError for an error reply); calls we send are matched to their results
 # by id and expire after call_timeout_ms. Bad input never raises: it is counted in
 # `counters` and answered with an error frame when the call's id can be read, else dropped.
-from firmware import cbor, messages
-from firmware.cbor import CBORError
-from firmware.clock import elapsed_ms as _elapsed
-from firmware.frames import MAX_PAYLOAD, FrameReader, encode_frame
-from firmware.messages import CALL, MAX_ID, RESULT, MessageError
+from . import cbor, messages
+from .cbor import CBORError
+from .clock import elapsed_ms as _elapsed
+from .frames import MAX_PAYLOAD, FrameReader, encode_frame
+from .messages import CALL, MAX_ID, RESULT, MessageError
 
 if 0:  # never runs: names the counters longer than 10 characters, so that mpy-cross makes
     # them interned qstrs rather than heap string objects (see firmware/messages.py)

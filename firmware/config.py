@@ -10,8 +10,8 @@
 import json
 import os
 
-from firmware.config_runtime import MAX_HARDWARE_A, RUN_TIME, failsafe_rule, write_config
-from firmware.controller import DEFAULTS
+from .config_runtime import MAX_HARDWARE_A, RUN_TIME, failsafe_rule, write_config
+from .controller import DEFAULTS
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 

@@ -6,8 +6,8 @@
 # to whole periods (10 ms steps with the default 40 ms debounce: 50 ms). now_ms is a
 # ticks_ms-style int (differences taken modulo 2**30, see pilot.elapsed_ms); call step()
 # at least every few seconds so long timeouts latch before a difference could wrap.
-from firmware.limits import LimitArbiter
-from firmware.pilot import (
+from .limits import LimitArbiter
+from .pilot import (
     DUTY_NO_CURRENT,
     DUTY_STATE_F,
     CpDetector,
@@ -16,8 +16,8 @@ from firmware.pilot import (
     diode_ok,
     duty_for_current_da,
 )
-from firmware.session import DIODE_MISSING, DIODE_OK, DIODE_UNKNOWN, Session
-from firmware.status import CP_A, ERR_NONE, SRC_SAFETY
+from .session import DIODE_MISSING, DIODE_OK, DIODE_UNKNOWN, Session
+from .status import CP_A, ERR_NONE, SRC_SAFETY
 
 # Every config key the control core reads, with its default (amps, seconds, percent).
 # firmware/config.py validates a column's config against these keys. Written as keyword

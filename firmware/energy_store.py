@@ -23,8 +23,8 @@
 # counted.
 import struct
 
-from firmware.clock import elapsed_ms
-from firmware.crc import crc16
+from .clock import elapsed_ms
+from .crc import crc16
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 

@@ -3,7 +3,7 @@
 # The CRC (firmware.crc, CRC-16/MODBUS) covers LEN and the payload. A receiver hunts for
 # SYNC; on a bad LEN or CRC it drops only that SYNC byte and hunts again from the next
 # byte, so garbage before, inside or after a frame costs at most the frames it overlaps.
-from firmware.crc import crc16
+from .crc import crc16
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 

@@ -5,12 +5,12 @@
 # Start/StopTransaction from session events, Heartbeat) and serves the gateway's calls.
 # Payloads are built as dict(name=value): their keys are then interned names, shared with
 # firmware/messages.py, instead of string objects each module would keep its own copy of.
-from firmware.cbor_link import Link
-from firmware.clock import elapsed_ms
-from firmware.config_runtime import change
-from firmware.messages import MessageError
-from firmware.session import STOP_REASON_NAMES
-from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
+from .cbor_link import Link
+from .clock import elapsed_ms
+from .config_runtime import change
+from .messages import MessageError
+from .session import STOP_REASON_NAMES
+from .status_names import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 

@@ -1,16 +1,55 @@
 # The gateway link over Modbus: the column's register image served as an RTU slave on
 # the RS-485 bus or over Modbus TCP, and holding-register writes turned into controller
-# commands. Only loaded when the config's link mode is modbus-rtu or modbus-tcp; the TCP
-# serving is in firmware/modbus_tcp.py, which only a modbus-tcp board carries.
+# commands. Only loaded when the config's link mode is modbus-rtu or modbus-tcp; the
+# transports are in firmware/modbus.py (RTU) and firmware/modbus_tcp.py (TCP), each
+# carried only by a board of its mode.
 from array import array
 
-from firmware import image, regmap
-from firmware.modbus import RtuRequestParser
-from firmware.modbus_slave import ModbusSlave
+from . import regmap
+from .modbus_slave import ModbusSlave
 
-_EX_DEVICE_FAILURE = 4
-_EX_ILLEGAL_VALUE = 3
-_RX_CHUNK = 64   # bytes read from the bus at a time
+const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
+
+_U16 = const(0xFFFF)
+_EX_ILLEGAL_VALUE = const(3)    # Modbus exception codes (modbus_slave.EX_*)
+_EX_DEVICE_FAILURE = const(4)
+
+
+def fill_inputs(image, ctl, meter, energy_wh, boots, bad_frames, uptime_s, remaining_s):
+    """The column's state into the input image (regmap IR_*): called every control step,
+    so it allocates nothing (integer stores into an array('H'))."""
+    image[regmap.IR_STATUS] = ctl.status
+    image[regmap.IR_CP_STATE] = ctl.cp_state
+    image[regmap.IR_ERROR] = ctl.error
+    image[regmap.IR_LIMIT_SOURCE] = ctl.limit_source
+    image[regmap.IR_OFFERED_CURRENT] = ctl.offered_da
+    cur = meter.current_da if meter is not None else None
+    volt = meter.voltage_dv if meter is not None else None
+    for i in range(3):
+        image[regmap.IR_CURRENT_L1 + i] = cur[i] & _U16 if cur is not None else 0
+        image[regmap.IR_VOLTAGE_L1 + i] = volt[i] & _U16 if volt is not None else 0
+    power = meter.power_w if meter is not None else 0
+    regmap.put_u32(image, regmap.IR_POWER, power if power > 0 else 0)
+    regmap.put_u32(image, regmap.IR_ENERGY, energy_wh)
+    regmap.put_u32(image, regmap.IR_SESSION_ENERGY, ctl.session_energy_wh)
+    image[regmap.IR_SESSION_ID] = ctl.session_id & _U16
+    # The flag of the error, then the conditions that are not errors.
+    err = ctl.error
+    flags = regmap.ERROR_FLAGS[err] if err < len(regmap.ERROR_FLAGS) else 0
+    if ctl.failsafe_active:
+        flags |= regmap.FLAG_FAILSAFE_ACTIVE
+    if ctl.paused:
+        flags |= regmap.FLAG_PAUSED
+    if not ctl.limits.enabled:
+        flags |= regmap.FLAG_DISABLED
+    image[regmap.IR_ERROR_FLAGS] = flags
+    image[regmap.IR_ASSIGNED_REMAINING] = remaining_s & _U16
+    image[regmap.IR_FAILSAFE_LIMIT] = ctl.limits.failsafe_da
+    image[regmap.IR_BAD_FRAMES] = bad_frames & _U16
+    image[regmap.IR_BOOTS] = boots & _U16
+    image[regmap.IR_OVERDRAW_EVENTS] = ctl.limits.overdraw_count & _U16
+    image[regmap.IR_CABLE_RATING] = ctl.cable_da
+    regmap.put_u32(image, regmap.IR_UPTIME, uptime_s)
 
 
 def _save_bus_address(path, new):
@@ -49,7 +88,7 @@ def _save_bus_address(path, new):
 class ModbusLink:
     """Owns the register images; the app refreshes `inputs` every control step."""
 
-    def __init__(self, app, unit_id, rtu=True):
+    def __init__(self, app, unit_id, parser=None):
         self.app = app
         self.inputs = array("H", [0] * regmap.INPUT_COUNT)
         self.holding = array("H", [0] * regmap.HOLDING_COUNT)
@@ -57,9 +96,10 @@ class ModbusLink:
         self.holding[regmap.HR_FAILSAFE_LIMIT] = app.ctl.limits.failsafe_da
         self.slave = ModbusSlave(unit_id, self.inputs, self.holding, self._on_write,
                                  self._on_broadcast)
-        # The RTU request parser holds a whole RTU frame (256 B): a TCP column (rtu=False)
-        # has none, its connections frame their own requests (firmware/modbus_tcp.py).
-        self.parser = RtuRequestParser() if rtu else None
+        # An RS-485 column's RtuRequestParser (firmware/modbus.py: it holds a whole RTU
+        # frame, 256 B); a TCP column has none, its connections frame their own requests
+        # (firmware/modbus_tcp.py).
+        self.parser = parser
         inp = self.inputs
         cfg = app.cfg
         inp[regmap.IR_FW_VERSION] = (app.version[0] << 8) | app.version[1]
@@ -74,7 +114,7 @@ class ModbusLink:
         """Copy the column's state into the input image (every control step, no allocation)."""
         app = self.app
         ctl = app.ctl
-        image.fill_inputs(self.inputs, ctl, app.meter, app.energy_wh, app.store.boots,
+        fill_inputs(self.inputs, ctl, app.meter, app.energy_wh, app.store.boots,
                           self.bad_frames(), app.uptime_s(now_ms),
                           ctl.limits.assignment_remaining_s(now_ms))
 
@@ -139,46 +179,3 @@ class ModbusLink:
             return
         self.app.ctl.heartbeat(now_ms)
         self.app.ctl.assign_limit(limit_da, validity_s, now_ms)
-
-    # -- transports ----------------------------------------------------------------------
-    async def serve_rtu(self, uart, de_pin, clock, asyncio, alive, gap_ms=2):
-        """Poll the UART, answer requests for our unit; a silence marks a frame gap."""
-        # A small read buffer emptied in a loop: the parser holds the frame (RTU_MAX bytes),
-        # so a second buffer of that size would only copy it on its way there.
-        rx = bytearray(_RX_CHUNK)
-        parser = self.parser
-        pending = False
-        last_rx = clock.ticks_ms()
-        while True:
-            alive()
-            n = uart.readinto(rx)
-            now = clock.ticks_ms()
-            if n:
-                pending = True
-                last_rx = now
-                while n:
-                    taken = 0
-                    while taken < n:
-                        taken += parser.feed(rx, taken, n)
-                        self._answer(uart, de_pin, now)
-                    n = uart.readinto(rx) if n == _RX_CHUNK else 0  # a full read: more may wait
-            elif pending and clock.ticks_diff(now, last_rx) >= gap_ms:
-                pending = False
-                parser.gap()
-                self._answer(uart, de_pin, now)
-            await asyncio.sleep(0.001 if pending else 0.002)
-
-    def _answer(self, uart, de_pin, now):
-        slave = self.slave
-        while True:
-            r = slave.serve_rtu(self.parser, now)
-            if r < 0:
-                return
-            if r > 0:
-                if de_pin is not None:
-                    de_pin.value(1)
-                uart.write(memoryview(slave.out)[0:r])
-                if hasattr(uart, "flush"):
-                    uart.flush()  # on a board: wait for the last stop bit before releasing DE
-                if de_pin is not None:
-                    de_pin.value(0)

@@ -22,8 +22,8 @@
 #
 # Every value comes from the config dict (see DEFAULTS in firmware/controller.py);
 # step-time code uses integers only (da, ms) and allocates nothing.
-from firmware.pilot import MAX_CURRENT_DA, MIN_CURRENT_DA, elapsed_ms
-from firmware.status import (
+from .pilot import MAX_CURRENT_DA, MIN_CURRENT_DA, elapsed_ms
+from .status import (
     ERR_NONE,
     ERR_OVER_CURRENT,
     ERR_POWER_METER,

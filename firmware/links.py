@@ -4,8 +4,8 @@
 # tools/firmware_build.py reads it, with every module's import statements, to bundle only
 # what a board of one link mode imports.
 LINKS = (
-    ("modbus-rtu", ("regmap", "image", "modbus", "modbus_slave", "gw_modbus")),
-    ("modbus-tcp", ("regmap", "image", "modbus", "modbus_slave", "tcp_link", "modbus_tcp", "gw_modbus")),
+    ("modbus-rtu", ("regmap", "modbus_slave", "modbus", "gw_modbus")),
+    ("modbus-tcp", ("regmap", "modbus_slave", "tcp_link", "modbus_tcp", "gw_modbus")),
     ("cbor-serial", ("cbor", "frames", "messages", "cbor_link", "gw_cbor")),
     ("cbor-tcp", ("cbor", "frames", "messages", "cbor_link", "tcp_link", "gw_cbor")),
 )

@@ -4,7 +4,7 @@
 #     [3, id, payload]                              result
 #     [4, id, errorCode, description, details]      error
 # ids are ints 0..2**31-1. Payload keys are camelCase with the unit as suffix.
-from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
+from .status_names import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 

@@ -2,7 +2,7 @@
 # generated docs/firmware-contract.md. The contract itself is firmware/messages.py (the one
 # definition, whose flat _SPECS tuples this only reshapes); a board never imports this
 # module, so its tables cost no device RAM.
-from firmware import messages as _m
+from . import messages as _m
 
 # Field kinds, by the names ACTIONS gives them (messages._KINDS, index = kind code).
 INT, NUM, STR, ENUM, LIST, MAP, ANY = _m._KINDS

@@ -12,8 +12,8 @@
 # next reading is checked for going backwards but not for size. A meter that keeps
 # reporting such values stays stale, which stops charging (the safe side) until it is
 # replaced; the first reading after boot is accepted as it is.
-from firmware import sdm
-from firmware.crc import crc16
+from . import sdm
+from .crc import crc16
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
@@ -34,11 +34,13 @@ _GAP_MS = const(5)        # quiet bus before a request (>= 3.5 characters)
 # (boards: 2^30, unix port: 2^62, CPython monotonic: no wrap) for differences < 2^29 ms.
 
 
-from firmware.clock import elapsed_ms as ticks_diff  # noqa: E402
+from .clock import elapsed_ms as ticks_diff  # noqa: E402
 
 
-def build_read(buf, address, start, count, fc=_FC):
-    """Write a read request (FC 03/04) into buf[0:8] with its CRC; returns 8."""
+def read_request(address, start, count, fc=_FC):
+    """The 8 bytes of a read request (FC 03/04) with its CRC, as a new bytes object (built
+    once, at construction)."""
+    buf = bytearray(8)
     buf[0] = address
     buf[1] = fc
     buf[2] = (start >> 8) & 0xFF
@@ -48,13 +50,6 @@ def build_read(buf, address, start, count, fc=_FC):
     crc = crc16(buf, 0, 6)
     buf[6] = crc & 0xFF       # CRC low byte first
     buf[7] = crc >> 8
-    return 8
-
-
-def read_request(address, start, count, fc=_FC):
-    """The 8 request bytes as a new bytes object (built once, at construction)."""
-    buf = bytearray(8)
-    build_read(buf, address, start, count, fc)
     return bytes(buf)
 
 

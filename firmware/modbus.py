@@ -1,21 +1,15 @@
-# Modbus framing for the column's slave side: RTU request parsing, response building
-# (PDU + CRC or MBAP header) and exception replies. Pure: no I/O, no clock. Buffers are
-# owned by the objects that create them and reused; nothing here allocates per byte or
-# per frame, so it can run under micropython.heap_lock().
-from firmware.crc import crc16
+# The column's Modbus RTU side: request framing on the RS-485 bus (RtuRequestParser: pure,
+# no I/O, no clock) and serve_rtu(), the task that answers the bus with a ModbusLink
+# (firmware/gw_modbus.py). Only a modbus-rtu board loads this module (firmware/links.py);
+# replies are built by the slave (firmware/modbus_slave.py), Modbus TCP framing is in
+# modbus_tcp.py. Buffers are owned by the objects that create them and reused; nothing
+# here allocates per byte or per frame, so it can run under micropython.heap_lock().
+from .crc import crc16
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 RTU_MAX = const(256)   # bytes in one RTU frame, address + PDU + CRC
-TCP_MAX = const(260)   # bytes in one Modbus TCP frame, MBAP (7) + PDU (253)
-MBAP_LEN = const(7)
-
-# Exception codes (the reply's function code gets the top bit set).
-EX_ILLEGAL_FUNCTION = const(1)
-EX_ILLEGAL_ADDRESS = const(2)
-EX_ILLEGAL_VALUE = const(3)
-EX_DEVICE_FAILURE = const(4)
-EX_BUSY = const(6)
+_RX_CHUNK = const(64)  # bytes read from the bus at a time
 
 # Request frame length (address + PDU + CRC) by function code 0..24, so a request is
 # recognised as soon as its last byte arrives, without waiting for the line to go
@@ -197,73 +191,54 @@ class RtuRequestParser:
         self._broken = False
 
 
-# -- response building: PDU at `off` in a caller's buffer -------------------------------
+# -- serving the bus -------------------------------------------------------------------
 
-def u16(buf, off):
-    """Big-endian word at buf[off] (unpack_from would allocate a tuple)."""
-    return (buf[off] << 8) | buf[off + 1]
-
-
-def put_u16(buf, off, value):
-    buf[off] = (value >> 8) & 0xFF
-    buf[off + 1] = value & 0xFF
-
-
-def exception_pdu(out, off, fc, code):
-    """Exception reply PDU: function code with the top bit, then the code. Returns 2."""
-    out[off] = (fc | 0x80) & 0xFF
-    out[off + 1] = code
-    return 2
-
-
-def read_pdu(out, off, fc, image, start, count):
-    """FC03/FC04 reply PDU: fc, byte count, then count words from image[start:]."""
-    out[off] = fc
-    out[off + 1] = count * 2
-    o = off + 2
-    for i in range(start, start + count):
-        v = image[i]
-        out[o] = v >> 8
-        out[o + 1] = v & 0xFF
-        o += 2
-    return 2 + count * 2
-
-
-def echo_pdu(out, off, fc, first, second):
-    """FC06 (address, value) / FC16 (start, count) reply PDU. Returns 5."""
-    out[off] = fc
-    put_u16(out, off + 1, first)
-    put_u16(out, off + 3, second)
-    return 5
+async def serve_rtu(link, uart, de_pin, clock, asyncio, alive, gap_ms=2):
+    """Serve the ModbusLink `link` (firmware/gw_modbus.py, with its RtuRequestParser) on
+    the RS-485 line `uart`: poll it, answer requests for our unit; a silence marks a frame
+    gap. `de_pin` drives the bus only while a reply is sent."""
+    # A small read buffer emptied in a loop: the parser holds the frame (RTU_MAX bytes),
+    # so a second buffer of that size would only copy it on its way there.
+    rx = bytearray(_RX_CHUNK)
+    parser = link.parser
+    slave = link.slave
+    write = link.app.rs485_writer(uart, de_pin)
+    pending = False
+    last_rx = clock.ticks_ms()
+    while True:
+        alive()
+        n = uart.readinto(rx)
+        now = clock.ticks_ms()
+        if n:
+            pending = True
+            last_rx = now
+            while n:
+                taken = 0
+                while taken < n:
+                    taken += parser.feed(rx, taken, n)
+                    _answer(slave, parser, write, now)
+                n = uart.readinto(rx) if n == _RX_CHUNK else 0  # a full read: more may wait
+        elif pending and clock.ticks_diff(now, last_rx) >= gap_ms:
+            pending = False
+            parser.gap()
+            _answer(slave, parser, write, now)
+        await asyncio.sleep(0.001 if pending else 0.002)
 
 
-def finish_rtu(out, unit, pdu_len):
-    """Complete an RTU reply whose PDU is at out[1:]: address first, CRC low byte last.
-    Returns the frame length."""
-    out[0] = unit
-    end = 1 + pdu_len
-    crc = crc16(out, 0, end)
-    out[end] = crc & 0xFF
-    out[end + 1] = crc >> 8
-    return end + 2
-
-
-def mbap_frame_length(buf, n):
-    """Length of the Modbus TCP frame at buf[0:n]: 0 if the header is incomplete, -1 if
-    the header is invalid (protocol id not 0, or a length outside 2..254 bytes)."""
-    if n < MBAP_LEN:
-        return 0
-    length = u16(buf, 4)
-    if u16(buf, 2) != 0 or length < 2 or length > TCP_MAX - 6:
+def next_reply(slave, parser, now_ms):
+    """Answer the parser's next request with the ModbusSlave `slave`: the reply's length in
+    slave.out (0 = no reply), or -1 when the parser holds no request."""
+    n = parser.next_request()
+    slave.bad_crc = parser.bad_crc
+    if n == 0:
         return -1
-    return 6 + length
+    return slave.handle(parser.unit, parser.fc, parser.pdu, now_ms)
 
 
-def finish_mbap(out, tid, unit, pdu_len):
-    """Complete a TCP reply whose PDU is at out[7:]: same transaction id, protocol 0.
-    Returns the frame length."""
-    put_u16(out, 0, tid)
-    put_u16(out, 2, 0)
-    put_u16(out, 4, pdu_len + 1)
-    out[6] = unit
-    return MBAP_LEN + pdu_len
+def _answer(slave, parser, write, now):
+    while True:
+        r = next_reply(slave, parser, now)
+        if r < 0:
+            return
+        if r > 0:
+            write(memoryview(slave.out)[0:r])

@@ -2,25 +2,21 @@
 # validates FC06/FC16 writes against the register map before storing them. The app's
 # controller fills `inputs` every step and reacts to writes through `on_write`; this
 # module only moves words. Transport-neutral: RTU (`handle`) and TCP (modbus_tcp) share
-# `respond`, which writes the reply PDU at an offset in a caller's buffer. Nothing on the
-# request path allocates, so it runs under micropython.heap_lock().
+# `respond`, which writes the reply PDU at an offset in a caller's buffer (the reply
+# builders below); request framing is the transport's (modbus.py, modbus_tcp.py). Nothing
+# on the request path allocates, so it runs under micropython.heap_lock().
 from array import array
 
-from firmware import regmap
-from firmware.modbus import (
-    EX_DEVICE_FAILURE,
-    EX_ILLEGAL_ADDRESS,
-    EX_ILLEGAL_FUNCTION,
-    EX_ILLEGAL_VALUE,
-    echo_pdu,
-    exception_pdu,
-    finish_rtu,
-    read_pdu,
-    u16,
-)
+from . import regmap
+from .crc import crc16
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
+# Exception codes (the reply's function code gets the top bit set).
+_EX_ILLEGAL_FUNCTION = const(1)
+_EX_ILLEGAL_ADDRESS = const(2)
+EX_ILLEGAL_VALUE = const(3)
+EX_DEVICE_FAILURE = const(4)
 _MAX_READ = const(125)
 _MAX_WRITE = const(123)
 _BROADCAST = const(0)
@@ -61,18 +57,9 @@ class ModbusSlave:
         self.broadcast_rejected = 0  # broadcasts dropped: malformed, out of range, refused
         self.ignored = 0           # frames for other units
         self.callback_errors = 0   # on_write / on_broadcast_limit raised (answered 04)
-        self.bad_crc = 0           # copied from the RTU parser by serve_rtu
+        self.bad_crc = 0           # copied from the RTU parser by modbus.next_reply
 
     # -- transports ---------------------------------------------------------------------
-    def serve_rtu(self, parser, now_ms):
-        """Answer the parser's next request: the reply's length in `out` (0 = no reply),
-        or -1 when the parser holds no request."""
-        n = parser.next_request()
-        self.bad_crc = parser.bad_crc
-        if n == 0:
-            return -1
-        return self.handle(parser.unit, parser.fc, parser.pdu, now_ms)
-
     def handle(self, unit, fc, pdu, now_ms):
         """RTU: the whole reply frame's length in `out`, or 0 (broadcast, not for us)."""
         n = self.respond(unit, fc, pdu, now_ms, self.out, 1)
@@ -113,7 +100,7 @@ class ModbusSlave:
             if code == 0:
                 return echo_pdu(out, off, 16, u16(pdu, 1), count)
         else:
-            code = EX_ILLEGAL_FUNCTION
+            code = _EX_ILLEGAL_FUNCTION
         self.exceptions += 1
         return exception_pdu(out, off, fc, code)
 
@@ -123,13 +110,13 @@ class ModbusSlave:
         if count < 1 or count > _MAX_READ:
             return EX_ILLEGAL_VALUE
         if u16(pdu, 1) + count > size:
-            return EX_ILLEGAL_ADDRESS
+            return _EX_ILLEGAL_ADDRESS
         return 0
 
     def _write(self, start, count, pdu, at, now_ms):
         """Validate every value (pdu words from `at`), then store all or nothing."""
         if start + count > regmap.HOLDING_COUNT:
-            return EX_ILLEGAL_ADDRESS
+            return _EX_ILLEGAL_ADDRESS
         ranges = regmap.HOLDING_RANGES
         for i in range(count):
             v = u16(pdu, at + 2 * i)
@@ -191,3 +178,55 @@ class ModbusSlave:
             holding[regmap.HR_ASSIGNED_VALIDITY] = old_validity
             return False
         return True
+
+
+# -- response building: PDU at `off` in a caller's buffer -------------------------------
+
+def u16(buf, off):
+    """Big-endian word at buf[off] (unpack_from would allocate a tuple)."""
+    return (buf[off] << 8) | buf[off + 1]
+
+
+def put_u16(buf, off, value):
+    buf[off] = (value >> 8) & 0xFF
+    buf[off + 1] = value & 0xFF
+
+
+def exception_pdu(out, off, fc, code):
+    """Exception reply PDU: function code with the top bit, then the code. Returns 2."""
+    out[off] = (fc | 0x80) & 0xFF
+    out[off + 1] = code
+    return 2
+
+
+def read_pdu(out, off, fc, image, start, count):
+    """FC03/FC04 reply PDU: fc, byte count, then count words from image[start:]."""
+    out[off] = fc
+    out[off + 1] = count * 2
+    o = off + 2
+    for i in range(start, start + count):
+        v = image[i]
+        out[o] = v >> 8
+        out[o + 1] = v & 0xFF
+        o += 2
+    return 2 + count * 2
+
+
+def echo_pdu(out, off, fc, first, second):
+    """FC06 (address, value) / FC16 (start, count) reply PDU. Returns 5."""
+    out[off] = fc
+    put_u16(out, off + 1, first)
+    put_u16(out, off + 3, second)
+    return 5
+
+
+def finish_rtu(out, unit, pdu_len):
+    """Complete an RTU reply whose PDU is at out[1:]: address first, CRC low byte last.
+    Returns the frame length."""
+    out[0] = unit
+    end = 1 + pdu_len
+    crc = crc16(out, 0, end)
+    out[end] = crc & 0xFF
+    out[end + 1] = crc >> 8
+    return end + 2
+

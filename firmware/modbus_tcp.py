@@ -5,25 +5,40 @@
 # which a board never loads. Only a modbus-tcp board loads this module (firmware/links.py).
 # Unit ids: the column's bus address or 0xFF address the column; unit 0 is a broadcast as
 # on the RTU bus (limit table only, no reply).
-from firmware import tcp_link
-from firmware.modbus import (
-    EX_ILLEGAL_VALUE,
-    MBAP_LEN,
-    TCP_MAX,
-    exception_pdu,
-    finish_mbap,
-    mbap_frame_length,
-    u16,
-)
+from . import tcp_link
+from .modbus_slave import EX_ILLEGAL_VALUE, exception_pdu, put_u16, u16
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
+TCP_MAX = const(260)   # bytes in one Modbus TCP frame, MBAP (7) + PDU (253)
+MBAP_LEN = const(7)
 _ANY_UNIT = const(0xFF)
 NEED_MORE = const(-1)
 CLOSE = const(-2)
 # Connections served at once; a new one beyond closes the oldest (a gateway that restarted
 # without closing its connection left it open here: a column only writes when asked).
 _MAX_CLIENTS = const(4)
+
+
+def mbap_frame_length(buf, n):
+    """Length of the Modbus TCP frame at buf[0:n]: 0 if the header is incomplete, -1 if
+    the header is invalid (protocol id not 0, or a length outside 2..254 bytes)."""
+    if n < MBAP_LEN:
+        return 0
+    length = u16(buf, 4)
+    if u16(buf, 2) != 0 or length < 2 or length > TCP_MAX - 6:
+        return -1
+    return 6 + length
+
+
+def finish_mbap(out, tid, unit, pdu_len):
+    """Complete a TCP reply whose PDU is at out[7:]: same transaction id, protocol 0.
+    Returns the frame length."""
+    put_u16(out, 0, tid)
+    put_u16(out, 2, 0)
+    put_u16(out, 4, pdu_len + 1)
+    out[6] = unit
+    return MBAP_LEN + pdu_len
 
 
 def serve_tcp(link, port, host):
@@ -67,82 +82,59 @@ async def _client(sock, link):
 
 
 class ModbusTcpConnection:
-    """One client's stream: feed() its bytes, then next_reply() until NEED_MORE."""
+    """One client's stream: its bytes go in through room() and filled() (or, on the host,
+    modbus_tcp_serve.feed()), then next_reply() until NEED_MORE. A frame leaves the buffer
+    once it is answered."""
 
     def __init__(self, slave):
         self.slave = slave
-        self._buf = bytearray(TCP_MAX)
-        self.frame = memoryview(self._buf)
+        self.frame = memoryview(bytearray(TCP_MAX))   # the one view of the frame buffer
         self.pdu = self.frame[MBAP_LEN:]
         self.out = bytearray(MBAP_LEN + slave.pdu_max)
         self._n = 0
-        self._taken = 0
         self.bad_header = 0   # invalid MBAP header: the connection must be closed
-
-    def _drop_taken(self):
-        k = self._taken
-        if k:
-            buf = self._buf
-            n = self._n - k
-            for i in range(n):
-                buf[i] = buf[i + k]
-            self._n = n
-            self._taken = 0
 
     def room(self):
         """The free end of the frame buffer, to read into; then filled(n). Never empty
         after next_reply() said NEED_MORE: a full buffer holds a whole frame."""
-        self._drop_taken()
         return self.frame[self._n:]
 
     def filled(self, n):
         self._n += n
 
-    def feed(self, data, start=0, end=-1):
-        """Take data[start:end]; returns how many bytes fitted (call next_reply between)."""
-        self._drop_taken()
-        if end < 0:
-            end = len(data)
-        room = TCP_MAX - self._n
-        if end - start > room:
-            end = start + room
-        buf = self._buf
-        n = self._n
-        for i in range(start, end):
-            buf[n] = data[i]
-            n += 1
-        self._n = n
-        return end - start
-
     def next_reply(self, now_ms):
         """Handle the next complete frame: reply length in `out` (0 = no reply), NEED_MORE
         when no complete frame is held, CLOSE on a header that makes the stream unusable."""
-        self._drop_taken()
-        length = mbap_frame_length(self._buf, self._n)
+        buf = self.frame
+        n = self._n
+        length = mbap_frame_length(buf, n)
         if length < 0:
             self.bad_header += 1
             self._n = 0
             return CLOSE
-        if length == 0 or self._n < length:
+        if length == 0 or n < length:
             return NEED_MORE
-        self._taken = length
-        buf = self._buf
+        tid = u16(buf, 0)
         unit = buf[6]
         fc = buf[7]
-        pdu_len = length - MBAP_LEN
         slave = self.slave
         addressed = slave.unit_id if unit == _ANY_UNIT else unit
-        if _pdu_length_ok(fc, self.pdu, pdu_len):
-            n = slave.respond(addressed, fc, self.pdu, now_ms, self.out, MBAP_LEN)
+        if _pdu_length_ok(fc, self.pdu, length - MBAP_LEN):
+            r = slave.respond(addressed, fc, self.pdu, now_ms, self.out, MBAP_LEN)
         elif addressed == slave.unit_id:
             slave.requests += 1
             slave.exceptions += 1
-            n = exception_pdu(self.out, MBAP_LEN, fc, EX_ILLEGAL_VALUE)
+            r = exception_pdu(self.out, MBAP_LEN, fc, EX_ILLEGAL_VALUE)
         else:
-            n = 0
-        if n == 0:
+            r = 0
+        # The frame is answered: drop it (a byte loop: slicing would allocate).
+        n -= length
+        for i in range(n):
+            buf[i] = buf[i + length]
+        self._n = n
+        if r == 0:
             return 0
-        return finish_mbap(self.out, u16(buf, 0), unit, n)
+        return finish_mbap(self.out, tid, unit, r)
 
 
 def _pdu_length_ok(fc, pdu, pdu_len):

@@ -1,8 +1,23 @@
 # A tiny blocking poll loop serving the column's Modbus TCP connections
 # (modbus_tcp.ModbusTcpConnection) on a listening socket, for scripts and tests on both
 # interpreters. A column never runs it (its app serves them on firmware/tcp_link.py), so it
-# lives apart from modbus_tcp.py and is never in a board's bundle or RAM.
-from firmware.modbus_tcp import CLOSE, NEED_MORE, TCP_MAX, ModbusTcpConnection
+# lives apart from modbus_tcp.py and is never in a board's bundle or RAM; so does feed(),
+# which copies bytes a caller already holds into a connection.
+from .modbus_tcp import CLOSE, NEED_MORE, TCP_MAX, ModbusTcpConnection
+
+
+def feed(conn, data, start=0, end=-1):
+    """Copy data[start:end] (end -1 = to the end) into the ModbusTcpConnection conn as far
+    as it fits, as a socket read into conn.room() does; returns how many bytes it took
+    (call conn.next_reply() between)."""
+    if end < 0:
+        end = len(data)
+    room = conn.room()
+    n = min(end - start, len(room))
+    for i in range(n):   # a byte loop: the same on both interpreters, whatever data is
+        room[i] = data[start + i]
+    conn.filled(n)
+    return n
 
 
 def _key(obj):
@@ -45,7 +60,7 @@ def serve(listener, slave, clock_ms, *, run_ms=-1, max_clients=4, poll_ms=20, sh
                 alive = len(data) > 0
                 taken = 0
                 while alive and taken < len(data):
-                    taken += conn.feed(data, taken)
+                    taken += feed(conn, data, taken)
                     while True:
                         n = conn.next_reply(clock_ms())
                         if n == NEED_MORE:

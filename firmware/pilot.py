@@ -3,7 +3,7 @@
 # currents in deci-amps (da), duty in 0.01 % units (0..10000), voltages in mV, time in ms.
 # What only the car's side reads (duty -> amps, the PP state) is in pilot_decode.py,
 # which a board never loads.
-from firmware.status import CP_A, CP_B, CP_C, CP_D, CP_E, CP_F
+from .status import CP_A, CP_B, CP_C, CP_D, CP_E, CP_F
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
@@ -17,7 +17,7 @@ MAX_CURRENT_DA = const(800)     # 80 A: the highest current a PWM can offer
 # virtual clock are multiples of it), so wrap-around is harmless and every
 # intermediate value stays a small int (no heap allocation on a board). A difference
 # is only meaningful below 2**29 ms (6.2 days): callers latch long timeouts as flags.
-from firmware.clock import elapsed_ms  # noqa: E402, F401  (limits and session import it from here)
+from .clock import elapsed_ms  # noqa: E402, F401  (limits and session import it from here)
 
 # --- current <-> duty -------------------------------------------------------------
 # 10 % <= D <= 85 %: I = 0.6 D    -> da = 6 * duty / 100

@@ -2,7 +2,7 @@
 # at a duty (the inverse of pilot.duty_for_current_da), the PWM register value of a duty
 # and the state of a PP reading. A board never imports this module (it only signals), so
 # its bundle does not carry it; firmware/pilot.py holds what the column itself runs.
-from firmware.pilot import MAX_CURRENT_DA, cable_rating_da
+from .pilot import MAX_CURRENT_DA, cable_rating_da
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 

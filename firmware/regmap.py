@@ -82,9 +82,7 @@ FLAG_CONFIG = const(0x0040)
 FLAG_FAILSAFE_ACTIVE = const(0x0080)
 FLAG_PAUSED = const(0x0100)
 FLAG_DISABLED = const(0x0200)
-# Index = bit number.
-FLAG_NAMES = ("overdraw", "meter_failure", "rcd", "cp_short", "diode", "contactor", "config",
-              "failsafe_active", "paused", "disabled")
+# Their names (index = bit number): regmap_tables.FLAG_NAMES, for the host.
 # The flag each error code (firmware.status ERR_*, the index) sets; 0: none.
 ERROR_FLAGS = (
     0,                      # ERR_NONE
@@ -115,13 +113,10 @@ HOLDING_RANGES = (
 
 
 def put_u32(image, addr, value):
-    """Store a 32-bit value as two words, high word first (values wrap at 2^32)."""
+    """Store a 32-bit value as two words, high word first (values wrap at 2^32). Read it
+    back with regmap_tables.get_u32 (not needed on a board)."""
     image[addr] = (value >> 16) & 0xFFFF
     image[addr + 1] = value & 0xFFFF
-
-
-def get_u32(image, addr):
-    return (image[addr] << 16) | image[addr + 1]
 
 
 def address_confirm(current, new):

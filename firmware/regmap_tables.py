@@ -1,7 +1,11 @@
 # The register map as named, described tables: for the gateway, the HIL and the
 # generated docs/firmware-contract.md. Addresses and ranges come from regmap.py (the one
 # definition); a board never imports this module, so its strings cost no device RAM.
-from firmware import regmap as m
+from . import regmap as m
+
+# The error_flags bits' names (index = bit number, regmap.FLAG_*).
+FLAG_NAMES = ("overdraw", "meter_failure", "rcd", "cp_short", "diode", "contactor", "config",
+              "failsafe_active", "paused", "disabled")
 
 
 def input_map():
@@ -71,6 +75,11 @@ def broadcast_map():
         ("limit_da", m.BROADCAST_TABLE + 1, m.BROADCAST_MAX_ADDRESS, "u16", 0, m.MAX_LIMIT_DA,
          "0xFFFF = no change"),
     )
+
+
+def get_u32(image, addr):
+    """A 32-bit value stored by regmap.put_u32: two words, high word first."""
+    return (image[addr] << 16) | image[addr + 1]
 
 
 def get_ascii(image, addr, words):

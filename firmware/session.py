@@ -15,8 +15,8 @@
 # Sessions start at plug-in (CP leaves A) and stop on unplug, a fault, a remote stop
 # or disable; a session open at a power loss is closed by the app at boot through
 # record_power_loss(). Events go into a preallocated ring the app drains.
-from firmware.pilot import elapsed_ms
-from firmware.status import (
+from .pilot import elapsed_ms
+from .status import (
     CP_A,
     CP_B,
     CP_C,

@@ -1,9 +1,8 @@
 # Status vocabulary shared by the firmware, the gateway and the HIL (the contract).
-# Codes are the values carried in Modbus registers; names are the strings carried in
-# CBOR messages and MQTT, in status_names.py (CP_NAMES, STATUS_NAMES, ERROR_NAMES,
-# LIMIT_SOURCE_NAMES; index == code), read through this module: `from firmware.status
-# import STATUS_NAMES` loads them on first use, so a board that never sends a name (the
-# Modbus links) never holds them. Append only: never renumber.
+# Codes are the values carried in Modbus registers; the names carried in CBOR messages and
+# MQTT are in status_names.py (index == code), which the CBOR link and host code import
+# themselves, so that a board that never sends a name (the Modbus links) never carries
+# them. Append only: never renumber.
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
 # IEC 61851 control pilot states.
@@ -44,9 +43,3 @@ SRC_FAILSAFE = const(4)
 SRC_PAUSE = const(5)       # below 6 A, paused (with minimum pause time)
 SRC_SAFETY = const(6)      # fault, overdraw, meter failure, disabled
 
-
-def __getattr__(name):
-    """The name tables, from status_names.py on first use (see the top of this file)."""
-    from firmware import status_names
-
-    return getattr(status_names, name)

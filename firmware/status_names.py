@@ -1,7 +1,7 @@
 # The status vocabulary's names, by code (index == the code in firmware/status.py): the
-# strings carried in CBOR messages and MQTT. Read them through firmware.status (`from
-# firmware.status import STATUS_NAMES`); they live apart so that a board whose link never
-# sends a name does not load them. Append only: never renumber.
+# strings carried in CBOR messages and MQTT. They live apart from status.py so that a
+# board whose link never sends a name (the Modbus links) neither carries nor loads them.
+# Append only: never renumber.
 
 CP_NAMES = ("A", "B", "C", "D", "E", "F")
 

@@ -1,7 +1,8 @@
 # A TCP server for the gateway link on plain non-blocking sockets, without asyncio streams:
 # no stream object, read buffer or out buffer per connection, and no asyncio.stream module
 # in RAM. A task waits for its socket as MicroPython's streams do, on the asyncio core's
-# I/O queue; under CPython (tests, the HIL's column farm) on the running loop's selector.
+# I/O queue; under CPython (tests, the HIL's column farm) on the running loop's selector
+# (tcp_link_cpython.py, which firmware_build leaves out of a board's bundle).
 # Modbus TCP (firmware/modbus_tcp.py) and the CBOR link (firmware/gw_cbor.py) serve their
 # connections with it, each reading into its own preallocated buffer. A connection is one
 # task and its own frame (a suspended call costs RAM: no helper coroutines between).
@@ -10,7 +11,9 @@ import socket
 
 try:
     from asyncio import core as _core  # MicroPython
-
+except ImportError:  # CPython (tests, the HIL's column farm): never on a board
+    from .tcp_link_cpython import recv, send, wait
+else:
     def wait(sock, out):
         """Await it: the task sleeps until sock can be read (or written, out=1) or fails."""
         yield _core._io_queue.queue_write(sock) if out else _core._io_queue.queue_read(sock)
@@ -23,31 +26,6 @@ try:
     def send(sock, data):
         """Bytes of data sent, without waiting: None when the socket takes none now."""
         return sock.write(data)
-except ImportError:  # CPython
-    def _wake(done):
-        if not done.done():
-            done.set_result(None)
-
-    async def wait(sock, out):
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        (loop.add_writer if out else loop.add_reader)(sock, _wake, done)
-        try:
-            await done
-        finally:
-            (loop.remove_writer if out else loop.remove_reader)(sock)
-
-    def recv(sock, buf):
-        try:
-            return sock.recv_into(buf)
-        except BlockingIOError:
-            return None
-
-    def send(sock, data):
-        try:
-            return sock.send(data)
-        except BlockingIOError:
-            return None
 
 
 def start(host, port, max_clients, client, arg, evict=False):

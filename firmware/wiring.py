@@ -7,12 +7,12 @@ import asyncio
 import gc
 import sys
 
-from firmware import clock
-from firmware.controller import Controller
-from firmware.energy_store import EnergyStore
-from firmware.flash import FileFlash
-from firmware.hal import Hal
-from firmware.status import ERR_CONFIG
+from . import clock
+from .controller import Controller
+from .energy_store import EnergyStore
+from .flash import FileFlash
+from .hal import Hal
+from .status import ERR_CONFIG
 
 _MODBUS = ("modbus-rtu", "modbus-tcp")
 _SERIAL = ("modbus-rtu", "cbor-serial")
@@ -110,10 +110,21 @@ def link(app, mode):
         return None
     module = _load(*modules)
     if mode in _MODBUS:
-        app.link = module.ModbusLink(app, app.cfg["bus_address"], rtu=mode in _SERIAL)
+        # An RS-485 column's request parser (firmware/modbus.py, loaded for modbus-rtu only).
+        parser = sys.modules["firmware.modbus"].RtuRequestParser() if mode in _SERIAL else None
+        app.link = module.ModbusLink(app, app.cfg["bus_address"], parser)
     else:
         app.link = module.CborLink(app)
     return app.link
+
+
+def serve_serial(app, mode, line, de):
+    """The task body serving the link of a serial mode on the UART `line` (RS-485: `de`
+    drives the bus only while sending). The RTU loop is taken by its loaded name, as in
+    serve_tcp()."""
+    if mode in _MODBUS:
+        return sys.modules["firmware.modbus"].serve_rtu(app.link, line, de, clock, asyncio, app.link_alive)
+    return app.link.serve_serial(line, de, clock, asyncio, app.link_alive)
 
 
 def serve_tcp(app, mode):
@@ -151,7 +162,6 @@ async def start(app):
         pass
     elif mode in _SERIAL:
         line, line_de = hal.uart("link", cfg["link"]["baud"])
-        serve = app.link.serve_rtu if mode in _MODBUS else app.link.serve_serial
-        tasks["link"] = asyncio.create_task(serve(line, line_de, clock, asyncio, app.link_alive))
+        tasks["link"] = asyncio.create_task(serve_serial(app, mode, line, line_de))
     else:  # modbus-tcp, cbor-tcp: the gateway connects to us
         tasks["tcp"] = serve_tcp(app, mode)

@@ -57,7 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from firmware.status import CP_NAMES, ERROR_NAMES, STATUS_NAMES
+from firmware.status_names import CP_NAMES, ERROR_NAMES, STATUS_NAMES
 from gateway.config import GatewayConfig
 from gateway.core.allocation import Allocation, AllocatorState, ColumnMemory, Session, allocate
 from gateway.core.failsafe import FailsafePlan, plan_failsafe

@@ -31,7 +31,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from firmware import status
+from firmware import status_names
 from firmware.config import LINK_MODES
 
 _Subparsers = argparse._SubParsersAction  # what ArgumentParser.add_subparsers() returns
@@ -188,7 +188,7 @@ class _CarLoop:
     def status_line(self, out: dict[str, Any]) -> str:
         ev = self.ev
         st = int(out.get("status", -1))
-        name = status.STATUS_NAMES[st] if 0 <= st < len(status.STATUS_NAMES) else "booting"
+        name = status_names.STATUS_NAMES[st] if 0 <= st < len(status_names.STATUS_NAMES) else "booting"
         draw = ev.draw_a if ev is not None else 0.0
         car = ("car %s %.0f%% SoC" % (ev.cp_name, ev.soc * 100)) if ev is not None else "no car"
         heap = int(out.get("heap_used", 0))

@@ -9,7 +9,7 @@
 # column.json; its energy register files are written there too. Each column is built by
 # the app's own boot code (App(), wiring.meter, wiring.link) and runs what the app runs:
 # its control task (App.control_task, every 10 ms) and its link: wiring.serve_tcp on
-# its own port (Modbus TCP, CBOR over TCP), or ModbusLink.serve_rtu / CborLink.serve_serial
+# its own port (Modbus TCP, CBOR over TCP), or wiring.serve_serial (RTU / CBOR)
 # on its own end of the farm's one serial line BUS_PTY, which every column hears, as on a
 # real RS-485 bus (Modbus columns tell requests apart by their bus addresses; a CBOR serial
 # link is point to point, so hil/rig/column_farm.py puts one such column on a line). The meter
@@ -393,8 +393,7 @@ class Farm:
                 if board.port is None:
                     raise OSError("column %d needs the farm's serial line (%s)" % (index, mode))
                 line, de = app.hal.uart("link", cfg["link"]["baud"])
-                serve = link.serve_rtu if mode == "modbus-rtu" else link.serve_serial
-                col.tasks.append(asyncio.create_task(serve(line, de, clock, asyncio, app.link_alive)))
+                col.tasks.append(asyncio.create_task(wiring.serve_serial(app, mode, line, de)))
             else:   # its server task: cancelling it closes the port and its connections
                 col.tasks.append(wiring.serve_tcp(app, mode))
             col.live = True

@@ -40,7 +40,7 @@ from typing import NoReturn
 import serial
 
 from firmware import config as fw_config
-from firmware import regmap, regmap_tables, sdm, status
+from firmware import regmap, regmap_tables, sdm, status_names
 from firmware.crc import crc16
 
 PROG = "python -m tools.commission"
@@ -296,27 +296,28 @@ def looks_like_column(regs: Sequence[int], address: int) -> bool:
     """A column's image names its own address; a meter's float registers never hold a
     small integer in that word (it would be a denormal float's high word)."""
     return (regs[regmap.IR_BUS_ADDRESS] == address and regs[regmap.IR_PHASES] in (0, 1, 3)
-            and regs[regmap.IR_STATUS] < len(status.STATUS_NAMES)
-            and regs[regmap.IR_CP_STATE] < len(status.CP_NAMES))
+            and regs[regmap.IR_STATUS] < len(status_names.STATUS_NAMES)
+            and regs[regmap.IR_CP_STATE] < len(status_names.CP_NAMES))
 
 
 def decode_column(regs: Sequence[int], address: int, baud: int, column_id: str | None) -> Column:
     f: dict[str, int] = {}
     for name, addr, words, enc, _desc in regmap_tables.input_map():
         if enc != "ascii" and addr + words <= len(regs):
-            f[name] = regmap.get_u32(regs, addr) if words == 2 else regs[addr]
+            f[name] = regmap_tables.get_u32(regs, addr) if words == 2 else regs[addr]
     version = f["fw_version"]
     return Column(
         address=address, baud=baud, column_id=column_id,
         firmware=f"{version >> 8}.{version & 0xFF}.{f['fw_patch']}",
         phases=f["phases"], hardware_rating_a=f["hardware_rating_da"] / 10,
         cable_rating_a=f["cable_rating_da"] / 10,
-        status=_name(status.STATUS_NAMES, f["status_code"]), error=_name(status.ERROR_NAMES, f["error_code"]),
-        cp_state=_name(status.CP_NAMES, f["cp_state"]), offered_a=f["offered_current_da"] / 10,
+        status=_name(status_names.STATUS_NAMES, f["status_code"]),
+        error=_name(status_names.ERROR_NAMES, f["error_code"]),
+        cp_state=_name(status_names.CP_NAMES, f["cp_state"]), offered_a=f["offered_current_da"] / 10,
         current_a=[f[f"current_l{i}_da"] / 10 for i in (1, 2, 3)],
         voltage_v=[f[f"voltage_l{i}_dv"] / 10 for i in (1, 2, 3)],
         power_w=f["power_w"], energy_wh=f["energy_wh"], failsafe_a=f["failsafe_limit_da"] / 10,
-        flags=[n for bit, n in enumerate(regmap.FLAG_NAMES) if f["error_flags"] & (1 << bit)],
+        flags=[n for bit, n in enumerate(regmap_tables.FLAG_NAMES) if f["error_flags"] & (1 << bit)],
         boots=f["boots"], uptime_s=f["uptime_s"])
 
 

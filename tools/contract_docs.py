@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from firmware import frames, messages, messages_tables, regmap, regmap_tables, status
+from firmware import frames, messages, messages_tables, regmap, regmap_tables, status_names
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "docs" / "firmware-contract.md"
@@ -61,17 +61,17 @@ def _registers() -> list[str]:
             "### Broadcast limit table (unit id 0, function 16, no reply)", ""]
     out += _ranged(regmap_tables.broadcast_map())
     out += ["", "### Error flag bits (`error_flags`)", ""]
-    out += _table(("bit", "name"), enumerate(regmap.FLAG_NAMES))
+    out += _table(("bit", "name"), enumerate(regmap_tables.FLAG_NAMES))
     return out
 
 
 def _vocabulary() -> list[str]:
     out = ["## Status vocabulary (firmware/status.py)", "",
            "Registers carry the code; CBOR messages and MQTT carry the name.", ""]
-    for title, names in (("Control pilot state", status.CP_NAMES),
-                         ("Connector status", status.STATUS_NAMES),
-                         ("Error code", status.ERROR_NAMES),
-                         ("Limit source", status.LIMIT_SOURCE_NAMES)):
+    for title, names in (("Control pilot state", status_names.CP_NAMES),
+                         ("Connector status", status_names.STATUS_NAMES),
+                         ("Error code", status_names.ERROR_NAMES),
+                         ("Limit source", status_names.LIMIT_SOURCE_NAMES)):
         out += [f"### {title}", ""]
         out += _table(("code", "name"), enumerate(names))
         out.append("")

@@ -12,9 +12,11 @@ keeps the line numbers for tracebacks that name them.
 
 A board runs one gateway link mode. `--link MODE` (or `build(link=MODE)`) bundles only the
 modules a board of that mode imports (build/firmware-MODE/ by default): the closure of the
-import statements of boot.py and main.py, lazy ones inside functions included, plus the link
-modules the app's boot loads for MODE by name (the `LINKS` table in firmware/links.py). Nothing is
-listed here, so the bundle cannot drift from the code. Without `--link` the bundle holds
+import statements of boot.py and main.py, lazy ones inside functions and relative ones included,
+plus the link modules the app's boot loads for MODE by name (the `LINKS` table in
+firmware/links.py). Imports in an `except ImportError:` handler are a module's CPython fallback
+(firmware/tcp_link.py's), which a board never runs: they are left out. Nothing is listed here,
+so the bundle cannot drift from the code. Without `--link` the bundle holds
 every module (what `make firmware` and the tests use).
 """
 
@@ -25,6 +27,7 @@ import ast
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,19 +117,57 @@ def _module_path(source: Path, dotted: str) -> Path | None:
     return py if py.is_file() else None
 
 
+def _import_base(py: Path, source: Path, node: ast.ImportFrom) -> str:
+    """The absolute module a `from ... import` names: `from .x import y` in firmware/a.py
+    is firmware.x, `from . import x` is firmware (then x in it)."""
+    if node.level == 0:
+        return node.module or ""   # always named at level 0
+    rel = py.relative_to(source)
+    if rel.name in BOARD_SCRIPTS and len(rel.parts) == 1:
+        raise BuildError(f"{py.relative_to(source.parent)}: a board script runs outside the "
+                         f"package: a relative import cannot work there")
+    package = [PACKAGE, *rel.parent.parts]
+    if node.level > len(package):
+        raise BuildError(f"{py.relative_to(source.parent)}: relative import beyond the package")
+    parent = ".".join(package[:len(package) - node.level + 1])
+    return f"{parent}.{node.module}" if node.module else parent
+
+
+def _is_import_error(handler: ast.ExceptHandler) -> bool:
+    kinds = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(isinstance(k, ast.Name) and k.id in ("ImportError", "ModuleNotFoundError")
+               for k in kinds)
+
+
+def _board_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of tree (as ast.walk) but those of an `except ImportError:` handler: the
+    firmware's fallback for CPython, where a module MicroPython has is missing
+    (`try: from asyncio import core` ... `except ImportError: from .x_cpython import ...`),
+    which a board never runs."""
+    todo: list[ast.AST] = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo += [child for child in ast.iter_child_nodes(node)
+                 if not (isinstance(child, ast.ExceptHandler) and _is_import_error(child))]
+
+
 def imports_of(py: Path, source: Path = SOURCE) -> set[Path]:
     """The firmware modules a file's import statements name, anywhere in it (a lazy import
-    inside a function counts: the path that runs it may come on any board)."""
+    inside a function counts: the path that runs it may come on any board), relative
+    imports (`from .x import y`) included, those of a CPython fallback left out
+    (_board_nodes)."""
     tree = ast.parse(py.read_text(), str(py))
     found: set[Path] = set()
-    for node in ast.walk(tree):
+    for node in _board_nodes(tree):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
             # `from firmware import config` imports firmware.config; `from firmware.x
             # import y` imports firmware.x (y is a name in it).
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            base = _import_base(py, source, node)
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
         for name in names:
             parts = name.split(".")
             for i in range(1, len(parts) + 1):   # `import firmware.x` loads firmware too

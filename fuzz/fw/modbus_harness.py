@@ -1,6 +1,6 @@
 # Fuzz harness for the column's Modbus RTU side: firmware/modbus.py (framer),
 # modbus_slave.py (slave) and gw_modbus.py (register image, writes into the controller),
-# driven the way ModbusLink.serve_rtu drives them (feed, answer, gap, answer).
+# driven the way firmware.modbus.serve_rtu drives them (feed, answer, gap, answer).
 # MicroPython-compatible.
 #
 # Oracle: an independent model of the register map (regmap.py ranges, the broadcast table
@@ -14,6 +14,7 @@
 from firmware import regmap
 from firmware.controller import Controller
 from firmware.gw_modbus import ModbusLink
+from firmware.modbus import RtuRequestParser, _answer
 from fuzz.fw.common import LATER, QUIET, DigestHarness, Finding, chunks, ref_crc, segments, with_crc
 
 UNIT = 7
@@ -242,9 +243,10 @@ class _Run:
         self.uart = _Uart(self.events)
 
     def answer(self, now):
-        """As ModbusLink.serve_rtu after each read and at a gap; then check what happened."""
+        """As firmware.modbus.serve_rtu after each read and at a gap; then check what happened."""
         self.now = now
-        self.link._answer(self.uart, None, now)
+        link = self.link
+        _answer(link.slave, link.parser, self.uart.write, now)
         self.check()
 
     def check(self):
@@ -310,7 +312,7 @@ class Harness(DigestHarness):
                 f.write(json.dumps(CONFIG))
             self._config_written = True
         app = App(self.config_path)
-        return _Run(app, ModbusLink(app, UNIT))
+        return _Run(app, ModbusLink(app, UNIT, RtuRequestParser()))
 
     def run(self, data):
         r = self._fresh()

@@ -31,7 +31,7 @@ from typing import Any
 
 import cbor2
 
-from firmware import cbor, messages, status
+from firmware import cbor, messages, status_names
 from firmware.cbor_link import Link
 from firmware.frames import encode_frame
 from fuzz import segments
@@ -62,7 +62,7 @@ LIMITS = (LimitCommand(COLUMN, 16.0, 120, 6.0), LimitCommand(COLUMN, 7.5, 0),
           LimitCommand(COLUMN, 80.0, 86400))
 CALL = PERIODIC   # flag: the gateway sends a limit before the burst
 REASONS = (*FAILURE_REASONS, REASON_OK, "rejected", "bad_request", "none", "unknown_column")
-STATUS = set(status.STATUS_NAMES) | {"Faulted"}
+STATUS = set(status_names.STATUS_NAMES) | {"Faulted"}
 
 
 class _Conn:
@@ -87,9 +87,9 @@ def _finite(x: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
 def check_event(event: Any) -> None:
     """The types and ranges each event promises to the service."""
     if isinstance(event, ColumnReading):
-        ok = (event.status in STATUS and event.error in status.ERROR_NAMES
-              and event.cp_state in status.CP_NAMES
-              and event.limit_source in (*status.LIMIT_SOURCE_NAMES, "safety")
+        ok = (event.status in STATUS and event.error in status_names.ERROR_NAMES
+              and event.cp_state in status_names.CP_NAMES
+              and event.limit_source in (*status_names.LIMIT_SOURCE_NAMES, "safety")
               and _finite(event.offered_a, 0, 80) and _finite(event.failsafe_a, 0, 80)
               and len(event.current_a) == 3 and all(_finite(a) for a in event.current_a)
               and len(event.voltage_v) == 3 and all(_finite(v) for v in event.voltage_v)

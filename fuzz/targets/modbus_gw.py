@@ -235,9 +235,10 @@ def _column_replies() -> dict[tuple[int, bool], bytes]:
     """The column's own answers (firmware ModbusSlave and ModbusTcpConnection) to what the
     gateway's pymodbus client sends: op, tcp -> reply bytes."""
     from firmware.modbus_tcp import ModbusTcpConnection
+    from firmware.modbus_tcp_serve import feed
 
     app = modbus_harness.App("/nonexistent")   # no address move here: the file is never read
-    link = modbus_harness.ModbusLink(app, UNIT)
+    link = modbus_harness.ModbusLink(app, UNIT, modbus_harness.RtuRequestParser())
     link.refresh(modbus_harness.START_MS)
     out = {}
     tcp_framer = FramerSocket(DecodePDU(False))
@@ -263,7 +264,7 @@ def _column_replies() -> dict[tuple[int, bool], bytes]:
             pdu = rtu_req[1:-2]
             req = tcp_framer.encode(pdu, TCP_UNIT, 1)
             conn = ModbusTcpConnection(link.slave)
-            conn.feed(req)
+            feed(conn, req)
             r = conn.next_reply(modbus_harness.START_MS)
             out[op, tcp] = bytes(conn.out[:r])
             link.slave.unit_id = UNIT

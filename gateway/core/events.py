@@ -3,7 +3,7 @@
 Plain frozen records, no behaviour: adapters turn the wire (Modbus registers, CBOR messages) into
 these events and turn the commands into the wire. Times are UTC ms, currents per phase in the
 column's own phase order (the site model maps them through the rotation). Status and CP state
-names are the shared vocabulary of ``firmware.status`` (STATUS_NAMES, CP_NAMES, ERROR_NAMES).
+names are the shared vocabulary of ``firmware.status_names`` (STATUS_NAMES, CP_NAMES, ERROR_NAMES).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ColumnSample:
 
     column_id: str
     at_ms: int
-    status: str                 # "Available", "Charging", ... (firmware.status.STATUS_NAMES)
+    status: str                 # "Available", "Charging", ... (firmware.status_names.STATUS_NAMES)
     cp_state: str               # "A".."F"
     current_a: tuple[float, ...]  # per column phase
     voltage_v: tuple[float, ...] = ()
@@ -41,7 +41,7 @@ class ColumnSample:
     energy_wh: float = 0.0      # meter register (total import)
     offered_a: float = 0.0      # what the column offers right now (PWM)
     limit_a: float = 0.0        # the limit the column applies
-    limit_source: str = ""      # firmware.status.LIMIT_SOURCE_NAMES
+    limit_source: str = ""      # firmware.status_names.LIMIT_SOURCE_NAMES
     error: str = "NoError"
 
 

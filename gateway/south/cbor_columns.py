@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import serial  # type: ignore[import-untyped]
 
-from firmware import messages, status
+from firmware import messages, status, status_names
 from firmware.cbor_link import Link
 from firmware.messages import ERROR, MessageError
 from gateway.south.modbus_bus import Backoff, wall_ms
@@ -788,7 +788,7 @@ class CborColumns(ColumnAdapterBase):
             column_id=ch.cfg.column_id,
             ts_ms=self._now_ms(),
             status="Faulted" if fault or st is None else st["status"],
-            error=status.ERROR_NAMES[status.ERR_CONFIG] if fault or st is None else st["errorCode"],
+            error=status_names.ERROR_NAMES[status.ERR_CONFIG] if fault or st is None else st["errorCode"],
             cp_state=st["cpState"] if st is not None else "F",
             offered_a=ch.offered_a,
             current_a=(float(amps[0]), float(amps[1]), float(amps[2])),

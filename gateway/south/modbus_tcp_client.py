@@ -26,7 +26,7 @@ import logging
 import struct
 from collections.abc import Sequence
 
-from firmware.modbus import MBAP_LEN, TCP_MAX
+from firmware.modbus_tcp import MBAP_LEN, TCP_MAX
 from gateway.south.coarse_timer import CoarseTimer
 from gateway.south.modbus_bus import ExchangeError
 from gateway.south.types import (

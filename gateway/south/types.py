@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
-from firmware import regmap, regmap_tables, status
+from firmware import regmap, regmap_tables, status_names
 
 # Why a column is offline (or was, last time a request failed): the failure classes the
 # Modbus adapters count.
@@ -37,7 +37,7 @@ def _name(names: Sequence[str], code: int) -> str:
 
 
 def flag_names(flags: int) -> tuple[str, ...]:
-    return tuple(n for bit, n in enumerate(regmap.FLAG_NAMES) if flags & (1 << bit))
+    return tuple(n for bit, n in enumerate(regmap_tables.FLAG_NAMES) if flags & (1 << bit))
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +46,8 @@ class ColumnReading:
 
     column_id: str
     ts_ms: int                       # UTC ms when the reply arrived
-    status: str                      # status.STATUS_NAMES
-    error: str                       # status.ERROR_NAMES
+    status: str                      # status_names.STATUS_NAMES
+    error: str                       # status_names.ERROR_NAMES
     cp_state: str                    # "A".."F"
     offered_a: float
     current_a: tuple[float, float, float]
@@ -56,8 +56,8 @@ class ColumnReading:
     energy_wh: int                   # lifetime register
     session_energy_wh: int
     session_id: int
-    limit_source: str                # status.LIMIT_SOURCE_NAMES
-    flags: tuple[str, ...]           # regmap.FLAG_NAMES of the set bits
+    limit_source: str                # status_names.LIMIT_SOURCE_NAMES
+    flags: tuple[str, ...]           # regmap_tables.FLAG_NAMES of the set bits
     failsafe_a: float                # failsafe limit in force on the column
     online: bool = True
     flags_raw: int = 0
@@ -157,9 +157,9 @@ def _fw_version(version: int, patch: int) -> str:
 
 
 _flag_names = functools.lru_cache(maxsize=256)(flag_names)
-# The vocabularies, bound once (firmware.status loads them lazily, through a module __getattr__).
-_STATUS_NAMES, _ERROR_NAMES = status.STATUS_NAMES, status.ERROR_NAMES
-_CP_NAMES, _SOURCE_NAMES = status.CP_NAMES, status.LIMIT_SOURCE_NAMES
+# The vocabularies, bound once.
+_STATUS_NAMES, _ERROR_NAMES = status_names.STATUS_NAMES, status_names.ERROR_NAMES
+_CP_NAMES, _SOURCE_NAMES = status_names.CP_NAMES, status_names.LIMIT_SOURCE_NAMES
 
 
 def decode_inputs(column_id: str, image: Sequence[int], ts_ms: int) -> ColumnReading:

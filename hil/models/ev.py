@@ -68,7 +68,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from firmware.status import CP_A, CP_B, CP_C, CP_D, CP_NAMES
+from firmware.status import CP_A, CP_B, CP_C, CP_D
+from firmware.status_names import CP_NAMES
 from hil.models.ev_profiles import DEFAULT_PROFILE, NOMINAL_V, EvProfile
 
 MIN_OFFERED_A = 6.0       # a PWM below 6 A offers nothing (IEC 61851): the car must not draw

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pymodbus.client import ModbusSerialClient
 from pymodbus.exceptions import ModbusException
 
-from firmware import regmap
+from firmware import regmap, regmap_tables
 from hil.replay.target import TargetError
 
 __all__ = ["DEFAULT_BAUD", "LinkStats", "ModbusBus", "TargetError", "rtu_timeout_s"]
@@ -315,7 +315,7 @@ class ModbusBus:
             return
         regs = list(reply.registers)
         unit.stats.reads_ok += 1
-        uptime = regmap.get_u32(regs, regmap.IR_UPTIME)
+        uptime = regmap_tables.get_u32(regs, regmap.IR_UPTIME)
         boots = regs[regmap.IR_BOOTS]
         with self._lock:
             if not unit.powered:

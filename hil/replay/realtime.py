@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
-from firmware import pilot, regmap, status
+from firmware import pilot, regmap, regmap_tables, status, status_names
 from hil.models.sdm_meter import SdmMeterModel
 from hil.replay.board_io import BoardIo
 from hil.replay.column_link import LinkStats, ModbusBus, TargetError
@@ -44,11 +44,11 @@ def outputs_from(regs: list[int] | None, board: Mapping[str, Any] | None,
     No registers: the column is off or still booting (no pilot, contactor open)."""
     if regs is None:
         return ColumnOutputs(duty=pilot.DUTY_NO_CURRENT, offered_a=0.0, contactor=False,
-                             status=status.STATUS_NAMES[status.ST_UNAVAILABLE],
-                             cp_state=status.CP_NAMES[status.CP_E],
-                             limit_source=status.LIMIT_SOURCE_NAMES[status.SRC_SAFETY],
+                             status=status_names.STATUS_NAMES[status.ST_UNAVAILABLE],
+                             cp_state=status_names.CP_NAMES[status.CP_E],
+                             limit_source=status_names.LIMIT_SOURCE_NAMES[status.SRC_SAFETY],
                              failsafe_active=True, energy_wh=last_energy_wh,
-                             error=status.ERROR_NAMES[status.ERR_NONE])
+                             error=status_names.ERROR_NAMES[status.ERR_NONE])
     if board and "duty" in board:
         duty = int(board["duty"])
         offered_da = int(board.get("offered_da", 0))
@@ -60,12 +60,12 @@ def outputs_from(regs: list[int] | None, board: Mapping[str, Any] | None,
         st = regs[regmap.IR_STATUS]
         contactor = st == status.ST_CHARGING
     return ColumnOutputs(duty=duty, offered_a=offered_da / 10, contactor=contactor,
-                         status=_name(status.STATUS_NAMES, st),
-                         cp_state=_name(status.CP_NAMES, regs[regmap.IR_CP_STATE]),
-                         limit_source=_name(status.LIMIT_SOURCE_NAMES, regs[regmap.IR_LIMIT_SOURCE]),
+                         status=_name(status_names.STATUS_NAMES, st),
+                         cp_state=_name(status_names.CP_NAMES, regs[regmap.IR_CP_STATE]),
+                         limit_source=_name(status_names.LIMIT_SOURCE_NAMES, regs[regmap.IR_LIMIT_SOURCE]),
                          failsafe_active=bool(regs[regmap.IR_ERROR_FLAGS] & regmap.FLAG_FAILSAFE_ACTIVE),
-                         energy_wh=regmap.get_u32(regs, regmap.IR_ENERGY),
-                         error=_name(status.ERROR_NAMES, regs[regmap.IR_ERROR]))
+                         energy_wh=regmap_tables.get_u32(regs, regmap.IR_ENERGY),
+                         error=_name(status_names.ERROR_NAMES, regs[regmap.IR_ERROR]))
 
 
 @dataclass

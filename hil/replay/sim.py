@@ -27,7 +27,7 @@ from firmware import config as fw_config
 from firmware.controller import Controller
 from firmware.energy_store import EnergyStore
 from firmware.session import EV_SESSION_START, EV_SESSION_STOP
-from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
+from firmware.status_names import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
 from hil.replay.target import ColumnInputs, ColumnOutputs, TargetError
 
 PP_OPEN_OHMS = 100_000  # no cable: far above firmware.pilot_decode.PP_OPEN_OHMS

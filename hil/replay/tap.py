@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from firmware.status import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
+from firmware.status_names import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
 from hil.replay.column_link import TargetError
 from hil.replay.realtime import Column, RealtimeColumns, outputs_from
 from hil.replay.target import ColumnOutputs, GatewayWrite

@@ -41,12 +41,12 @@ class ColumnOutputs:
     duty: int  # pilot duty in 0.01 % (10000 = no current offered)
     offered_a: float  # current signalled on the pilot (0 = none)
     contactor: bool
-    status: str  # firmware.status.STATUS_NAMES
-    cp_state: str  # firmware.status.CP_NAMES
-    limit_source: str  # firmware.status.LIMIT_SOURCE_NAMES
+    status: str  # firmware.status_names.STATUS_NAMES
+    cp_state: str  # firmware.status_names.CP_NAMES
+    limit_source: str  # firmware.status_names.LIMIT_SOURCE_NAMES
     failsafe_active: bool
     energy_wh: int  # the firmware's own energy register
-    error: str  # firmware.status.ERROR_NAMES
+    error: str  # firmware.status_names.ERROR_NAMES
 
 
 class Target(Protocol):

@@ -7,7 +7,7 @@ from fwtest import IS_MICROPYTHON, hexbytes, raises
 from firmware import meter as meter_mod
 from firmware import sdm
 from firmware.crc import crc16
-from firmware.meter import Meter, build_read, read_request, ticks_diff
+from firmware.meter import Meter, read_request, ticks_diff
 
 # The published real exchange (STANDARDS.md): read voltage L1 -> 230.2 V.
 STD_REQUEST = "01 04 00 00 00 02 71 CB"
@@ -98,9 +98,6 @@ def test_register_map_matches_standards_table():
 
 def test_request_builder_matches_recorded_request():
     assert read_request(1, 0x0000, 2) == hexbytes(STD_REQUEST)
-    buf = bytearray(10)
-    assert build_read(buf, 1, 0x0000, 2) == 8
-    assert bytes(buf[:8]) == hexbytes(STD_REQUEST)
     assert read_request(1, 0x0000, 76) == hexbytes(SDM630_REQUEST)
 
 

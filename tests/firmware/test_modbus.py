@@ -3,17 +3,9 @@
 from fwtest import IS_MICROPYTHON, hexbytes
 
 from firmware.crc import crc16
-from firmware.modbus import (
-    MBAP_LEN,
-    RTU_MAX,
-    RtuRequestParser,
-    echo_pdu,
-    exception_pdu,
-    finish_mbap,
-    finish_rtu,
-    mbap_frame_length,
-    read_pdu,
-)
+from firmware.modbus import RTU_MAX, RtuRequestParser
+from firmware.modbus_slave import echo_pdu, exception_pdu, finish_rtu, read_pdu
+from firmware.modbus_tcp import MBAP_LEN, finish_mbap, mbap_frame_length
 
 READ_IR = "01 04 00 00 00 02 71 CB"            # read input registers 0..1 of unit 1
 WRITE_2 = "01 10 00 00 00 02 04 00 A0 00 3C F3 9C"  # write 160, 60 to holding 0..1

@@ -14,7 +14,7 @@ import time
 from array import array
 
 from firmware import regmap, status
-from firmware.modbus import RTU_MAX, RtuRequestParser
+from firmware.modbus import RTU_MAX, RtuRequestParser, next_reply
 from firmware.modbus_slave import ModbusSlave
 
 IS_MICROPYTHON = sys.implementation.name == "micropython"
@@ -97,7 +97,7 @@ def feed(column, data, n):
 def answer(column):
     replies = []
     while True:
-        r = column.slave.serve_rtu(column.parser, now_ms())
+        r = next_reply(column.slave, column.parser, now_ms())
         if r < 0:
             break
         if r > 0:

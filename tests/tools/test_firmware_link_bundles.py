@@ -108,6 +108,42 @@ def test_the_module_set_follows_the_imports_lazy_ones_included(tmp_path: Path) -
     assert "host_only.mpy" in c
 
 
+def test_relative_imports_are_followed_like_absolute_ones(tmp_path: Path) -> None:
+    # The firmware imports its own modules relatively (`from .x import y`): shorter module
+    # names in the .mpy. A scan that skipped them would ship a bundle that fails at boot.
+    src = _tree(tmp_path, dict(BOARD, **{
+        "app.py": "from . import core, links\n\n\ndef main():\n    pass\n",
+        "link_a.py": "from .core import X\n\n\ndef rare():\n    from .lazy import Y\n    return Y\n",
+        "link_b.py": "def rare():\n    from . import other\n    return other\n",
+    }))
+    a = {f.relative_to(tmp_path / "a").as_posix()
+         for f in build(src, tmp_path / "a", link="wire-a").files}
+    assert a == {"boot.py", "main.py", "firmware/__init__.mpy", "firmware/app.mpy", "firmware/core.mpy",
+                 "firmware/links.mpy", "firmware/link_a.mpy", "firmware/lazy.mpy"}
+    b = {f.relative_to(tmp_path / "b").as_posix()
+         for f in build(src, tmp_path / "b", link="wire-b").files}
+    assert b == {"boot.py", "main.py", "firmware/__init__.mpy", "firmware/app.mpy", "firmware/core.mpy",
+                 "firmware/links.mpy", "firmware/link_b.mpy", "firmware/other.mpy"}
+
+
+def test_a_cpython_fallback_stays_out_of_the_bundle(tmp_path: Path) -> None:
+    # What a module imports only where MicroPython's own module is missing (CPython) is not
+    # carried by a board; the rest of the module's imports are.
+    src = _tree(tmp_path, dict(BOARD, **{
+        "core.py": ("try:\n    from asyncio import core\nexcept ImportError:\n"
+                    "    from .host_only import X\nelse:\n    from . import other\n"),
+    }))
+    a = {f.name for f in build(src, tmp_path / "a", link="wire-a").files}
+    assert "host_only.mpy" not in a and "other.mpy" in a and "core.mpy" in a
+
+
+def test_a_relative_import_in_a_board_script_stops_the_build(tmp_path: Path) -> None:
+    # boot.py and main.py run at the board's root, outside the package.
+    src = _tree(tmp_path, dict(BOARD, **{"main.py": "from .app import main\n\nmain()\n"}))
+    with pytest.raises(BuildError, match=r"main\.py: a board script runs outside the package"):
+        build(src, tmp_path / "x", link="wire-a")
+
+
 def test_an_unknown_mode_or_a_missing_module_stops_the_build(tmp_path: Path) -> None:
     links = BOARD["links.py"].replace("('wire-b', ('link_b',)),", "('wire-b', ('link_b', 'gone')),")
     src = _tree(tmp_path, dict(BOARD, **{"links.py": links}))

@@ -203,7 +203,7 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     by_thread = {k: (v - threads0.get(k, 0.0)) for k, v in threads1.items()}
     parts = {"control_step": sum(STEP_S), "telemetry_slices": sum(SLICE_S), **TIMED_S,
              "garbage_collector": sum(sum(x) for x in GC_S),
-             "other_threads": cpu - by_thread.get("MainThread", cpu)}
+             "other_threads": max(0.0, cpu - by_thread.get("MainThread", cpu))}   # ticks vs process_time
     parts["polls_and_rest"] = max(0.0, cpu - sum(parts.values()))
     return {
         "columns": n, "online": online, "online_after_s": round(online_s, 1),

@@ -5,6 +5,8 @@
 # Start/StopTransaction from session events, Heartbeat) and serves the gateway's calls.
 # Payloads are built as dict(name=value): their keys are then interned names, shared with
 # firmware/messages.py, instead of string objects each module would keep its own copy of.
+import asyncio
+
 from .cbor_link import Link
 from .clock import elapsed_ms
 from .config_runtime import change
@@ -283,9 +285,20 @@ class CborLink:
         """Serve the gateway on host:port, one connection at a time (another is closed at
         once), through `tcp`, the firmware.tcp_link module (passed in: a serial board does
         not carry it). Returns the server task; cancelling it closes the port."""
-        return tcp.start(host, port, 1, self._tcp_client, tcp)
+        return tcp.start(host, port, 2, self._tcp_client, tcp)
 
     async def _tcp_client(self, sock, tcp):
+        # One gateway at a time: tcp_link lets a second connection in to be judged here. A
+        # gateway that closed its connection and dialled again at once is no second one: the
+        # old connection's task sees the close in the same round of the loop, so it gets a
+        # moment to end first.
+        for _ in range(3):
+            if self._out is None:
+                break
+            await asyncio.sleep(0.01)
+        if self._out is not None:
+            sock.close()
+            return
         clock = self.app.clock
         rx = bytearray(_RX_CHUNK)   # handed over as a view, taken whole (see serve_serial)
         view = memoryview(rx)
@@ -300,7 +313,7 @@ class CborLink:
 
         self.connected(write, clock.ticks_ms())
         try:
-            while self._out is not None:
+            while self._out is write:   # not once dropped, nor once a newer gateway has the link
                 n = tcp.recv(sock, rx)
                 if n is None:
                     await tcp.wait(sock, 0)
@@ -311,6 +324,7 @@ class CborLink:
         except Exception:  # reset by the peer, ...: wait for the next gateway
             pass
         finally:
-            self._out = None
-            self.accepted = False
+            if self._out is write or self._out is None:
+                self._out = None
+                self.accepted = False
             sock.close()

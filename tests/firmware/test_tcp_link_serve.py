@@ -206,6 +206,19 @@ def test_cbor_tcp_serves_one_gateway_at_a_time():
     _run("cbor-tcp", body)
 
 
+def test_a_cbor_gateway_that_dials_again_at_once_is_served():
+    """A gateway that closes its connection and connects again straight away (a restart) is
+    not a second gateway: the new connection gets the link, with no pause in between."""
+    async def body(app, port, server, connect):
+        for _ in range(3):
+            sock = connect(port)
+            frames = await _boot_frames(app, sock)
+            assert frames and frames[0][2] == "BootNotification"
+            sock.close()
+
+    _run("cbor-tcp", body)
+
+
 def test_a_cbor_gateway_that_stops_reading_loses_the_link():
     async def body(app, port, server, connect):
         stalled = connect(port)

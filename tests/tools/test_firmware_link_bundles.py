@@ -92,16 +92,22 @@ BOARD = {
 }
 
 
+# What the BOARD tree's two link modes bundle: the core, the mode's link and what it imports.
+_CORE = {"boot.py", "main.py", "firmware/__init__.mpy", "firmware/app.mpy", "firmware/core.mpy",
+         "firmware/links.mpy"}
+WIRE_A = _CORE | {"firmware/link_a.mpy", "firmware/lazy.mpy"}
+WIRE_B = _CORE | {"firmware/link_b.mpy", "firmware/other.mpy"}
+
+
+def _bundle(src: Path, out: Path, link: str) -> set[str]:
+    """The files of the link mode's bundle, relative to its folder."""
+    return {f.relative_to(out).as_posix() for f in build(src, out, link=link).files}
+
+
 def test_the_module_set_follows_the_imports_lazy_ones_included(tmp_path: Path) -> None:
     src = _tree(tmp_path, BOARD)
-    a = {f.relative_to(tmp_path / "a").as_posix()
-         for f in build(src, tmp_path / "a", link="wire-a").files}
-    assert a == {"boot.py", "main.py", "firmware/__init__.mpy", "firmware/app.mpy", "firmware/core.mpy",
-                 "firmware/links.mpy", "firmware/link_a.mpy", "firmware/lazy.mpy"}
-    b = {f.relative_to(tmp_path / "b").as_posix()
-         for f in build(src, tmp_path / "b", link="wire-b").files}
-    assert b == {"boot.py", "main.py", "firmware/__init__.mpy", "firmware/app.mpy", "firmware/core.mpy",
-                 "firmware/links.mpy", "firmware/link_b.mpy", "firmware/other.mpy"}
+    assert _bundle(src, tmp_path / "a", "wire-a") == WIRE_A
+    assert _bundle(src, tmp_path / "b", "wire-b") == WIRE_B
     # A new import statement is a new module in the bundle: nothing to keep in step by hand.
     (src / "core.py").write_text("def f():\n    from firmware import host_only\n")
     c = {f.name for f in build(src, tmp_path / "c", link="wire-b").files}
@@ -116,14 +122,8 @@ def test_relative_imports_are_followed_like_absolute_ones(tmp_path: Path) -> Non
         "link_a.py": "from .core import X\n\n\ndef rare():\n    from .lazy import Y\n    return Y\n",
         "link_b.py": "def rare():\n    from . import other\n    return other\n",
     }))
-    a = {f.relative_to(tmp_path / "a").as_posix()
-         for f in build(src, tmp_path / "a", link="wire-a").files}
-    assert a == {"boot.py", "main.py", "firmware/__init__.mpy", "firmware/app.mpy", "firmware/core.mpy",
-                 "firmware/links.mpy", "firmware/link_a.mpy", "firmware/lazy.mpy"}
-    b = {f.relative_to(tmp_path / "b").as_posix()
-         for f in build(src, tmp_path / "b", link="wire-b").files}
-    assert b == {"boot.py", "main.py", "firmware/__init__.mpy", "firmware/app.mpy", "firmware/core.mpy",
-                 "firmware/links.mpy", "firmware/link_b.mpy", "firmware/other.mpy"}
+    assert _bundle(src, tmp_path / "a", "wire-a") == WIRE_A
+    assert _bundle(src, tmp_path / "b", "wire-b") == WIRE_B
 
 
 def test_a_cpython_fallback_stays_out_of_the_bundle(tmp_path: Path) -> None:

@@ -414,9 +414,9 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
         notes.append(f"Garbage collector at {top['columns']} columns: {sum(gc_top['collections'])} "
                      f"collections (by generation {', '.join(str(c) for c in gc_top['collections'])}) took "
                      f"{100 * sum(gc_top['s']) / top['window_s']:.1f} % of a core, the longest "
-                     f"{gc_top['max_ms']} ms (the loop held: poll lateness); the service freezes its "
-                     "long-lived objects at start (gc.freeze) and collects its young generation after "
-                     "10,000 net allocations.")
+                     f"{gc_top['max_ms']} ms (the loop held: poll lateness); a gateway process freezes its "
+                     "long-lived objects once ready (gc.freeze, gateway.service.settle_collector) and "
+                     "collects its young generation after 10,000 net allocations.")
     if r["memory_per_column_kb"] is not None:
         notes.append(f"Memory: {r['memory_per_column_kb']} KB of RSS per column (slope over the same steps).")
     if r.get("farm_cpu_us_per_request"):

@@ -71,15 +71,22 @@ def check_config_command(path: Path) -> int:
 
 
 async def _serve(config: GatewayConfig) -> None:
-    from gateway.service import GatewayService
+    from gateway.service import GatewayService, settle_collector
 
     service = GatewayService(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+
+    async def when_ready() -> None:
+        await service.ready.wait()
+        settle_collector()
+
+    settle = asyncio.create_task(when_ready())
     try:
         await service.run()
     finally:
+        settle.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

@@ -429,14 +429,6 @@ class GatewayService:
                 tasks.append(tg.create_task(self._telemetry_loop(), name="telemetry"))
                 commands = tg.create_task(self._command_loop(), name="commands")
                 tg.create_task(self.publisher.run(), name="mqtt")
-                # The site's structures (views, channels, schedules, config) live as long as the
-                # service: out of the collector's sight, a full collection does not walk them all
-                # (it held the loop ~50 ms per 1,000 columns, seen as poll lateness). The steady
-                # state frees its objects by reference counting; a young generation of 700 was
-                # collected ten times a second only because a telemetry slice builds a few
-                # thousand at once (5 % of the CPU at 1,000 columns; with 10,000: none).
-                gc.freeze()
-                gc.set_threshold(10_000, 10, 10)
                 self.ready.set()
                 await self._stop.wait()
                 commands.cancel()
@@ -1138,6 +1130,19 @@ class GatewayService:
             limit_source=SITE_SOURCE_NAMES.get(eff.source, "connection"),
             limit_valid_until_ms=eff.limit.valid_until_ms if eff.limit is not None else None,
             active_sessions=active)
+
+
+def settle_collector() -> None:
+    """The garbage collector's policy for a gateway process, once its service is ready (a
+    process setting, so the process's entry point applies it, not the service). The site's
+    structures (views, channels, schedules, config) live as long as the service: out of the
+    collector's sight, a full collection does not walk them all (it held the loop ~50 ms per
+    1,000 columns, seen as poll lateness). The steady state frees its objects by reference
+    counting; a young generation of 700 was collected ten times a second only because a
+    telemetry slice builds a few thousand at once (5 % of the CPU at 1,000 columns; with
+    10,000: none)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _vocab(value: str, names: Sequence[str], fallback: str) -> str:

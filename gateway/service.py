@@ -739,6 +739,7 @@ class GatewayService:
     def _sessions(self, now: int) -> tuple[list[Session], dict[str, float]]:
         sessions: list[Session] = []
         reserved: dict[str, float] = {}
+        stale_before = self._stale_before(now)
         for cid, view in self.views.items():
             if not view.controlled:
                 reserved[cid] = self._reserve_a(view, now)
@@ -746,7 +747,7 @@ class GatewayService:
             r = view.reading
             if r is None or not view.session_present():
                 continue
-            measured = r.current_a if self._fresh(view, now) else None
+            measured = r.current_a if r.ts_ms >= stale_before[view.kind == "cbor"] else None
             started = view.session_started_ms if view.session_started_ms is not None else r.ts_ms
             sessions.append(Session(cid, started, measured, None, float(r.session_energy_wh)))
         return sessions, reserved
@@ -762,13 +763,14 @@ class GatewayService:
         return min(amps, view.column.max_a)
 
     def _fresh(self, view: ColumnView, now: int) -> bool:
-        if view.reading is None:
-            return False
-        if view.kind == "cbor":   # meter values come every 10 s, status on change
-            limit_s = max(25.0, 2.0 * self.svc.heartbeat_period_s + 5.0)
-        else:
-            limit_s = 3.0 * self.svc.poll_period_s + 1.0
-        return now - view.reading.ts_ms <= limit_s * 1000
+        return view.reading is not None and view.reading.ts_ms >= self._stale_before(now)[view.kind == "cbor"]
+
+    def _stale_before(self, now: int) -> tuple[float, float]:
+        """A reading older than this is stale: (Modbus columns, CBOR columns). A CBOR column sends
+        meter values every 10 s and its status on change; a Modbus column is polled."""
+        modbus_s = 3.0 * self.svc.poll_period_s + 1.0
+        cbor_s = max(25.0, 2.0 * self.svc.heartbeat_period_s + 5.0)
+        return (now - modbus_s * 1000, now - cbor_s * 1000)
 
     def _meter_currents(self) -> tuple[float, float, float] | None:
         meter = self.south.meter
@@ -811,10 +813,12 @@ class GatewayService:
     def _check_load(self, eff: EffectiveLimit, now: int, meter_a: tuple[float, float, float] | None) -> None:
         offered: dict[str, float] = {}
         measured: dict[str, tuple[float, ...]] = {}
+        stale_before = self._stale_before(now)
         for cid, view in self.views.items():
-            if view.controlled and view.reading is not None and self._fresh(view, now):
-                offered[cid] = view.reading.offered_a
-                measured[cid] = view.reading.current_a
+            r = view.reading
+            if view.controlled and r is not None and r.ts_ms >= stale_before[view.kind == "cbor"]:
+                offered[cid] = r.offered_a
+                measured[cid] = r.current_a
         result = check_load(self.site, eff, offered, measured, now, state=self._load_state,
                             site_meter_a=meter_a)
         self._load_state = result.state
@@ -831,11 +835,16 @@ class GatewayService:
         validity = self.svc.limit_validity_s
         refresh_ms = validity * 1000 // 3
         batches: dict[str, list[LimitCommand]] = {}
+        offers = allocation.columns
+        failsafes = self.plan.limits_a
         for cid, view in self.views.items():
-            if not view.controlled or cid not in allocation.columns:
+            if not view.controlled:
                 continue
-            target = allocation.columns[cid].offered_a
-            fs = self.plan.limits_a.get(cid, 0.0)
+            offer = offers.get(cid)
+            if offer is None:
+                continue
+            target = offer.offered_a
+            fs = failsafes.get(cid, 0.0)
             with_fs = view.need_sync or view.failsafe_ok_a is None or \
                 abs(view.failsafe_ok_a - fs) > _FAILSAFE_TOLERANCE_A
             due = with_fs or target != view.requested_a or now - view.requested_ms >= refresh_ms

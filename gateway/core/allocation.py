@@ -31,7 +31,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.core.limits import EffectiveLimit
 from gateway.core.site import (
@@ -60,9 +60,9 @@ class RandomSource(Protocol):
     def random(self) -> float: ...
 
 
-@dataclass(frozen=True)
-class Session:
-    """A car plugged into a column and wanting to charge, as the adapters report it."""
+class Session(NamedTuple):
+    """A car plugged into a column and wanting to charge, as the adapters report it (built
+    for every session at every step: a NamedTuple costs a quarter of a frozen dataclass)."""
 
     column_id: str
     started_ms: int
@@ -99,8 +99,10 @@ class AllocatorState:
         return cls(rng=rng if rng is not None else random.Random(), columns=mem)
 
 
-@dataclass(frozen=True)
-class ColumnAllocation:
+class ColumnAllocation(NamedTuple):
+    """One column's result (a NamedTuple: the step builds one per column, thousands a second,
+    and a frozen dataclass costs 4x as much to build)."""
+
     column_id: str
     offered_a: float            # send this to the column now
     target_a: float             # where the offer goes once a pending increase is due
@@ -121,8 +123,8 @@ class Allocation:
     ignored: tuple[str, ...] = ()  # sessions on columns the site does not know
 
 
-@dataclass(frozen=True)
-class _Demand:
+@dataclass(slots=True)
+class _Demand:   # built for every session at every step and never changed: not frozen, it costs 3x
     session: Session
     column: Column
     mem: ColumnMemory
@@ -146,28 +148,34 @@ def water_fill(items: Mapping[str, tuple[int, int, tuple[str, ...]]], limits: Ma
             users.setdefault(k, []).append(i)
     stopped: dict[str, str] = {i: "cap" for i in order if items[i][1] <= offer[i]}
     active = [i for i in order if i not in stopped]
+    live_users = dict.fromkeys(users, 0)   # per key, how many of its users are still active
+    for i in active:
+        for k in items[i][2]:
+            live_users[k] += 1
     while active:
         live = set(active)
         step = min(items[i][1] - offer[i] for i in active)
         tight: list[str] = []
-        for k, us in users.items():
-            n = sum(1 for u in us if u in live)
+        for k, n in live_users.items():
             if n:
                 per = (limits.get(k, 0) - used[k]) // n
                 step = min(step, per)
                 if per <= 0:
                     tight.append(k)
-        if step > 0:
+        if step > 0:   # every active item rises by step: each key by step per active user
             for i in active:
                 offer[i] += step
-                for k in items[i][2]:
-                    used[k] += step
+            for k, n in live_users.items():
+                used[k] += step * n
             continue
         for i in active:
             if items[i][1] <= offer[i]:
                 stopped[i] = "cap"
         for k in sorted(tight):
+            room = limits.get(k, 0)
             for i in users[k]:  # hand out the remainder, 0.1 A each, in rank order
+                if room - used[k] <= 0:
+                    break   # k is full: none of its users can take more
                 if i in live and i not in stopped and items[i][1] > offer[i] and \
                         all(limits.get(kk, 0) - used[kk] > 0 for kk in items[i][2]):
                     offer[i] += 1
@@ -178,6 +186,10 @@ def water_fill(items: Mapping[str, tuple[int, int, tuple[str, ...]]], limits: Ma
                 for i in users[k]:
                     if i in live and i not in stopped:
                         stopped[i] = k
+        for i in active:
+            if i in stopped:
+                for k in items[i][2]:
+                    live_users[k] -= 1
         active = [i for i in active if i not in stopped]
     return offer, stopped
 
@@ -248,8 +260,13 @@ def _rank(d: _Demand, site: Site, now_ms: int) -> tuple[int, int, float, str]:
     return (1, d.session.started_ms, d.session.energy_wh, d.column.id)
 
 
+_NO_MEMORY = ColumnMemory()
+
+
 def _memory(state: AllocatorState, session: Session | None, cid: str) -> ColumnMemory:
-    mem = state.columns.get(cid, ColumnMemory())
+    mem = state.columns.get(cid)
+    if mem is None:
+        mem = _NO_MEMORY
     if session is not None and mem.session_started_ms != session.started_ms:
         # a new session: keep what the column holds now, forget the old session's history
         mem = ColumnMemory(applied_da=mem.applied_da, applied_since_ms=mem.applied_since_ms,
@@ -276,8 +293,9 @@ def allocate(site: Site, sessions: Sequence[Session], effective_limit: Effective
             by_col[s.column_id] = s
             demands[s.column_id] = _demand(site, s, col, effective_limit,
                                            mem=_memory(state, s, col.id), now_ms=now_ms)
-    order = sorted(demands, key=lambda cid: _rank(demands[cid], site, now_ms))
-    admitted, paused, hits = _admit(site, demands, order, limits, now_ms)
+    ranks = {cid: _rank(d, site, now_ms) for cid, d in demands.items()}
+    order = sorted(demands, key=ranks.__getitem__)
+    admitted, paused, hits = _admit(demands, order, ranks, limits)
     targets, stopped = water_fill({cid: (MIN_DA, demands[cid].cap_da, demands[cid].keys) for cid in admitted},
                                   limits, admitted)
     hits.extend(k for k in stopped.values() if k != "cap")
@@ -288,7 +306,8 @@ def allocate(site: Site, sessions: Sequence[Session], effective_limit: Effective
     out: dict[str, ColumnAllocation] = {}
     memory: dict[str, ColumnMemory] = {}
     load = [0, 0, 0]
-    for col in site.columns:
+    known = state.columns
+    for col in site.columns:   # every column at every step: kept lean
         cid = col.id
         if cid in reserved:
             out[cid] = ColumnAllocation(cid, reserved[cid], reserved[cid], False, RESERVED, "", None)
@@ -297,10 +316,13 @@ def allocate(site: Site, sessions: Sequence[Session], effective_limit: Effective
                 load[p] += to_da(reserved[cid])
             continue
         d = demands.get(cid)
-        mem = d.mem if d is not None else _memory(state, None, cid)
+        mem = d.mem if d is not None else known.get(cid, _NO_MEMORY)
         target = targets.get(cid, 0)
-        applied, due = _apply_delay(mem, target, now_ms, restore_now=restore_now,
-                                    delay_max_s=cfg.increase_delay_max_s, rng=state.rng)
+        if target <= mem.applied_da:   # no increase: nothing to delay (_apply_delay's first case)
+            applied, due = target, None
+        else:
+            applied, due = _apply_delay(mem, target, now_ms, restore_now=restore_now,
+                                        delay_max_s=cfg.increase_delay_max_s, rng=state.rng)
         memory[cid] = _remember(mem, d, applied, due, now_ms)
         if d is None:
             out[cid] = ColumnAllocation(cid, applied / 10, 0.0, False, IDLE, "", None)
@@ -344,8 +366,9 @@ def _constraint_room(site: Site, effective: EffectiveLimit, reserved: Mapping[st
     return limits
 
 
-def _admit(site: Site, demands: Mapping[str, _Demand], order: Sequence[str], limits: Mapping[str, int],
-           now_ms: int) -> tuple[list[str], dict[str, str], list[str]]:
+def _admit(demands: Mapping[str, _Demand], order: Sequence[str],
+           ranks: Mapping[str, tuple[int, int, float, str]],
+           limits: Mapping[str, int]) -> tuple[list[str], dict[str, str], list[str]]:
     """Admit sessions at 6 A in rank order: (admitted, paused with reason, constraints hit)."""
     remaining = dict(limits)
     admitted: list[str] = []
@@ -353,18 +376,19 @@ def _admit(site: Site, demands: Mapping[str, _Demand], order: Sequence[str], lim
     hits: list[str] = []
     for cid in order:
         d = demands[cid]
-        short = [k for k in d.keys if remaining.get(k, 0) < MIN_DA]
         if d.cap_da < MIN_DA:
             paused[cid] = PAUSED_LIMIT
-        elif _rank(d, site, now_ms)[0] == 3:
+        elif ranks[cid][0] == 3:
             paused[cid] = PAUSED_MIN_PAUSE
-        elif short:
-            paused[cid] = PAUSED_CAPACITY
-            hits.append(short[0])
         else:
-            for k in d.keys:
-                remaining[k] -= MIN_DA
-            admitted.append(cid)
+            short = next((k for k in d.keys if remaining.get(k, 0) < MIN_DA), None)
+            if short is not None:
+                paused[cid] = PAUSED_CAPACITY
+                hits.append(short)
+            else:
+                for k in d.keys:
+                    remaining[k] -= MIN_DA
+                admitted.append(cid)
     return admitted, paused, hits
 
 

@@ -264,18 +264,18 @@ def check_load(site: Site, effective: EffectiveLimit, offered_a: Mapping[str, fl
     0.5 A is reported once it has lasted ``overdraw_grace_s``."""
     over: list[tuple[str, str, str, int, float, float]] = []  # key, kind, target, phase, meas, allowed
     node_load: dict[str, float] = {}
-    for col in site.columns:
+    for col in site.columns:   # thousands of columns at every step: the loop is kept lean
         currents = column_a.get(col.id)
         if currents is None:
             continue
         allowed = offered_a.get(col.id, 0.0)
-        for i, amps in enumerate(currents[:col.phases]):
-            phase = col.rotation[i]
-            if amps > tolerated_a(allowed):
+        tolerated = tolerated_a(allowed)
+        # a column reports up to 3 currents: its own phases are the first col.phases of them
+        for amps, phase, keys in zip(currents, col.rotation, site.phase_paths(col), strict=False):
+            if amps > tolerated:
                 key = "column:" + col.id + ":" + str(phase)
                 over.append((key, "column_overdraw", col.id, phase, amps, allowed))
-            for node in site.node_path(col.circuit):
-                key = site_phase_key(node, phase)
+            for key in keys:
                 node_load[key] = node_load.get(key, 0.0) + amps
     for cid, circuit in site.circuits.items():
         for p in range(3):

@@ -192,6 +192,21 @@ class Site:
     def _constraint_keys(self) -> dict[tuple[str, frozenset[int]], tuple[str, ...]]:
         return {}
 
+    def phase_paths(self, column: Column) -> tuple[tuple[str, ...], ...]:
+        """Per column phase, the node/phase constraints its current passes through, from the
+        column's circuit up to the site (the load check sums every column's currents on them)."""
+        key = (column.circuit, column.rotation)
+        paths = self._phase_paths.get(key)
+        if paths is None:
+            nodes = self.node_path(column.circuit)
+            paths = self._phase_paths[key] = tuple(tuple(site_phase_key(node, p) for node in nodes)
+                                                   for p in column.rotation)
+        return paths
+
+    @functools.cached_property
+    def _phase_paths(self) -> dict[tuple[str, tuple[int, ...]], tuple[tuple[str, ...], ...]]:
+        return {}
+
     def constraint_limits_da(self, site_limit_a: PhaseCurrents | None = None) -> dict[str, int]:
         """Rating of each node/phase in deci-amps; the site nodes take the tighter of the
         capacity and ``site_limit_a`` (the effective site limit)."""

@@ -9,10 +9,12 @@ lateness (how late each column's poll is taken against its schedule: PollSchedul
 wrapped here to record it, nothing else is changed); how long each telemetry round takes and
 how long each of its slices holds the event loop (GatewayService.telemetry_round,
 _column_telemetry and the outbox transaction, timed the same way); how long each control step
-holds it (GatewayService._safe_step); polls, telemetry messages acknowledged by the broker, the
-outbox backlog, poll cycles skipped, events dropped, RSS, each garbage collection's pause
-(gc.callbacks), and from these where the CPU per column went. With --profile, cProfile records the
-event loop's thread during the window. It writes OUT.json, then stops the service cleanly.
+holds it (GatewayService._begin_step, _finish_step, and _Step.run when it runs on the loop) and
+the CPU of the allocation when it runs in a worker thread (_Step.run, thread time); polls,
+telemetry messages acknowledged by the broker, the outbox backlog, poll cycles skipped, events
+dropped, RSS, each garbage collection's pause (gc.callbacks), and from these where the CPU per
+column went. With --profile, cProfile records the event loop's thread during the window. It
+writes OUT.json, then stops the service cleanly.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from typing import Any
 
 from gateway.config import load_config
 from gateway.north.publisher import Publisher
-from gateway.service import GatewayService, settle_collector
+from gateway.service import GatewayService, _Step, settle_collector
 from gateway.south.schedule import Due, PollSchedule
 
 LATE_S: list[float] = []
 TELEMETRY_S: list[float] = []   # one telemetry round, start to end (the loop is free between its slices)
 SLICE_S: list[float] = []       # one slice of a round: payloads built and queued, the loop held
 STEP_S: list[float] = []        # one control step (allocation over every column), the loop held
+STEP_THREAD_S: list[float] = []  # CPU of an allocation run in a worker thread (large sites)
 GC_S: list[list[float]] = [[], [], []]   # each garbage collection's pause, by generation
 TIMED_S: dict[str, float] = {}  # seconds spent in parts of the service (_record_time_in), summed
 
@@ -72,14 +75,40 @@ def _record_telemetry() -> None:
 
 
 def _record_control_steps() -> None:
-    step = GatewayService._safe_step
+    """STEP_S: how long each control step holds the event loop (all of it on a small site; the
+    parts around the allocation once it runs in a worker thread); STEP_THREAD_S: the CPU of an
+    allocation run in that thread."""
+    begin, run, finish = GatewayService._begin_step, _Step.run, GatewayService._finish_step
+    held = [0.0]
 
-    def timed(self: GatewayService) -> None:
+    def timed_begin(self: GatewayService) -> _Step:
         t0 = time.perf_counter()
-        step(self)
-        STEP_S.append(time.perf_counter() - t0)
+        try:
+            return begin(self)
+        finally:
+            held[0] = time.perf_counter() - t0
 
-    GatewayService._safe_step = timed  # type: ignore[method-assign]
+    def timed_run(self: _Step) -> Any:
+        on_loop = threading.current_thread() is threading.main_thread()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return run(self)
+        finally:
+            if on_loop:
+                held[0] += time.perf_counter() - t0
+            else:
+                STEP_THREAD_S.append(time.thread_time() - c0)
+
+    def timed_finish(self: GatewayService, step: _Step, allocation: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            finish(self, step, allocation)
+        finally:
+            STEP_S.append(held[0] + time.perf_counter() - t0)
+
+    GatewayService._begin_step = timed_begin  # type: ignore[method-assign]
+    _Step.run = timed_run  # type: ignore[method-assign]
+    GatewayService._finish_step = timed_finish  # type: ignore[method-assign]
 
 
 def _record_lateness() -> None:
@@ -179,6 +208,7 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     TELEMETRY_S.clear()
     SLICE_S.clear()
     STEP_S.clear()
+    STEP_THREAD_S.clear()
     for pauses in GC_S:
         pauses.clear()
     for part in TIMED_S:
@@ -202,9 +232,10 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     late = sorted(LATE_S)
     per_col = 1e6 / (wall * max(1, n))   # seconds in the window -> µs per column and second
     by_thread = {k: (v - threads0.get(k, 0.0)) for k, v in threads1.items()}
-    parts = {"control_step": sum(STEP_S), "telemetry_slices": sum(SLICE_S), **TIMED_S,
-             "garbage_collector": sum(sum(x) for x in GC_S),
-             "other_threads": max(0.0, cpu - by_thread.get("MainThread", cpu))}   # ticks vs process_time
+    step_thread_s = sum(STEP_THREAD_S)
+    parts = {"control_step": sum(STEP_S) + step_thread_s, "telemetry_slices": sum(SLICE_S), **TIMED_S,
+             "garbage_collector": sum(sum(x) for x in GC_S),   # ticks vs process_time:
+             "other_threads": max(0.0, cpu - by_thread.get("MainThread", cpu) - step_thread_s)}
     parts["polls_and_rest"] = max(0.0, cpu - sum(parts.values()))
     return {
         "columns": n, "online": online, "online_after_s": round(online_s, 1),
@@ -219,6 +250,7 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
         "telemetry_round_ms": [round(1000 * x, 2) for x in TELEMETRY_S],
         "telemetry_slice_ms": [round(1000 * x, 2) for x in SLICE_S],
         "control_step_ms": [round(1000 * x, 2) for x in STEP_S],
+        "control_step_thread_ms": [round(1000 * x, 2) for x in STEP_THREAD_S],
         "gc": {"collections": [len(x) for x in GC_S], "s": [round(sum(x), 4) for x in GC_S],
                "max_ms": round(1000 * max((p for x in GC_S for p in x), default=0.0), 2)},
         "lateness_s": late[:: max(1, len(late) // 20000)],   # at most ~20k samples back

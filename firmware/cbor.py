@@ -4,16 +4,21 @@
 # bytes, so both interpreters produce the same bytes (MicroPython dicts are unordered).
 # Decoding is strict and hostile-input safe: bounded depth and item count, lengths checked
 # against the bytes left before anything is allocated, strict UTF-8, and every failure
-# is a CBORError naming the byte offset. Few, larger functions: each function object
-# costs a board RAM, so the decoder is one recursive method with two helpers.
+# is a CBORError naming the byte offset. The decoder takes only what the message set can
+# carry: integers within 64 bits, floats, strings, byte strings, arrays and maps of
+# definite length, true, false, null; indefinite lengths, tags (bignums included) and other
+# simple values are refused as bad input. The encoder still writes an int beyond 64 bits
+# as a bignum (tag 2/3), so that a value the contract lets through as `any` reaches the
+# peer, which refuses it there (a column: a FormationViolation answer) rather than here.
+# Few, larger functions: each function object costs a board RAM, so the decoder is one
+# recursive method with two helpers.
 import math
 import struct
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
-MAX_DEPTH = const(16)    # nested arrays/maps/tags a decoded item may have
+MAX_DEPTH = const(16)    # nested arrays/maps a decoded item may have
 MAX_ITEMS = const(2048)  # data items one loads() call may produce
-_BREAK = const(0xFF)
 
 
 class CBORError(ValueError):
@@ -22,6 +27,44 @@ class CBORError(ValueError):
     def __init__(self, msg, offset):
         super().__init__("%s at byte %d" % (msg, offset))
         self.offset = offset
+
+
+# The error texts, in one string (a string object each would cost a board ~40 B more);
+# _error(_E_..., offset, args) picks one by its index, only when input is refused.
+_TEXTS = (
+    "cannot encode (%s)|nesting deeper than %d|cannot encode %s|"
+    "%d trailing bytes|undecodable input (%s)|negative offset|indefinite length not supported|"
+    "reserved additional information %d|truncated argument|"
+    "declared length %d exceeds the %d bytes left|invalid UTF-8|unexpected end of data|"
+    "more than the allowed number of items|truncated float|unexpected break|"
+    "unsupported simple value|unsupported tag|array of %d items exceeds the %d bytes left|"
+    "map of %d pairs exceeds the %d bytes left|map key of unhashable type"
+)
+_E_ENCODE_EXC = const(0)
+_E_DEEP = const(1)
+_E_TYPE = const(2)
+_E_TRAILING = const(3)
+_E_UNDECODABLE = const(4)
+_E_OFFSET = const(5)
+_E_INDEFINITE = const(6)
+_E_RESERVED = const(7)
+_E_TRUNCATED = const(8)
+_E_LENGTH = const(9)
+_E_UTF8 = const(10)
+_E_END = const(11)
+_E_ITEMS = const(12)
+_E_FLOAT = const(13)
+_E_BREAK = const(14)
+_E_SIMPLE = const(15)
+_E_TAG = const(16)
+_E_ARRAY = const(17)
+_E_MAP = const(18)
+_E_KEY = const(19)
+
+
+def _error(i, offset, args=()):
+    """The CBORError of text i (an _E_ index), formatted with args, at byte offset."""
+    return CBORError(_TEXTS.split("|")[i] % args, offset)
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -34,7 +77,7 @@ def dumps(obj):
     except CBORError:
         raise
     except Exception as exc:  # recursion, memory: never leak another exception type
-        raise CBORError("cannot encode (%s)" % type(exc).__name__, len(out))
+        raise _error(_E_ENCODE_EXC, len(out), type(exc).__name__)
     return bytes(out)
 
 
@@ -99,7 +142,7 @@ def _enc(out, obj, depth):
         out.extend(obj)
     elif isinstance(obj, (list, tuple, dict)):
         if depth >= MAX_DEPTH:
-            raise CBORError("nesting deeper than %d" % MAX_DEPTH, len(out))
+            raise _error(_E_DEEP, len(out), MAX_DEPTH)
         if isinstance(obj, dict):
             pairs = []
             for key in obj:
@@ -116,7 +159,7 @@ def _enc(out, obj, depth):
             for item in obj:
                 _enc(out, item, depth + 1)
     else:
-        raise CBORError("cannot encode %s" % type(obj).__name__, len(out))
+        raise _error(_E_TYPE, len(out), type(obj).__name__)
 
 
 def _to_half(x):
@@ -147,7 +190,7 @@ def loads(data, max_items=MAX_ITEMS):
     """Decode exactly one item filling the whole buffer; trailing bytes are an error."""
     obj, end = loads_from(data, 0, max_items)
     if end != len(data):
-        raise CBORError("%d trailing bytes" % (len(data) - end), end)
+        raise _error(_E_TRAILING, end, len(data) - end)
     return obj
 
 
@@ -161,30 +204,30 @@ def loads_from(data, offset=0, max_items=MAX_ITEMS):
     except CBORError:
         raise
     except Exception as exc:  # anything else (memory, bad input type) becomes a CBORError
-        raise CBORError("undecodable input (%s)" % type(exc).__name__, dec.pos if dec else offset)
+        raise _error(_E_UNDECODABLE, dec.pos if dec else offset, type(exc).__name__)
 
 
 class _Decoder:
     def __init__(self, data, pos, max_items):
         if pos < 0:
-            raise CBORError("negative offset", pos)
+            raise _error(_E_OFFSET, pos)
         self.mv = memoryview(data)
         self.pos = pos
         self.end = len(data)
         self.items = max_items
 
     def _arg(self, ai, at):
-        """The head's argument (the bytes after it for ai 24..27); -1 for indefinite."""
+        """The head's argument (the bytes after it for ai 24..27)."""
         if ai < 24:
             return ai
         if ai == 31:
-            return -1
+            raise _error(_E_INDEFINITE, at)
         if ai > 27:
-            raise CBORError("reserved additional information %d" % ai, at)
+            raise _error(_E_RESERVED, at, ai)
         n = 1 << (ai - 24)
         pos = self.pos
         if n > self.end - pos:
-            raise CBORError("truncated argument", at)
+            raise _error(_E_TRUNCATED, at)
         mv = self.mv
         v = 0
         for i in range(pos, pos + n):
@@ -192,19 +235,11 @@ class _Decoder:
         self.pos = pos + n
         return v
 
-    def _at_break(self):
-        if self.pos >= self.end:
-            raise CBORError("unexpected end of data (missing break)", self.pos)
-        if self.mv[self.pos] == _BREAK:
-            self.pos += 1
-            return True
-        return False
-
     def _raw(self, n, at, major):
         """The next n bytes, as bytes (major 2) or checked UTF-8 text (major 3)."""
         left = self.end - self.pos
         if n > left:
-            raise CBORError("declared length %d exceeds the %d bytes left" % (n, left), at)
+            raise _error(_E_LENGTH, at, (n, left))
         start = self.pos
         self.pos = start + n
         raw = bytes(self.mv[start:start + n])
@@ -216,16 +251,16 @@ class _Decoder:
             s = None
         # MicroPython's decoder lets surrogates, overlong forms and > U+10FFFF through.
         if s is None or (len(s) != n and not _utf8_ok(raw)):
-            raise CBORError("invalid UTF-8", at)
+            raise _error(_E_UTF8, at)
         return s
 
     def item(self, depth):
         at = self.pos
         if at >= self.end:
-            raise CBORError("unexpected end of data", at)
+            raise _error(_E_END, at)
         self.items -= 1
         if self.items < 0:
-            raise CBORError("more than the allowed number of items", at)
+            raise _error(_E_ITEMS, at)
         ib = self.mv[at]
         self.pos = at + 1
         major = ib >> 5
@@ -235,86 +270,50 @@ class _Decoder:
                 return False
             if ai == 21:
                 return True
-            if ai in (22, 23):  # null, undefined
+            if ai == 22:
                 return None
             if ai == 25:
                 return struct.unpack(">e", self._arg(25, at).to_bytes(2, "big"))[0]
             if ai in (26, 27):
                 size = 4 if ai == 26 else 8
                 if size > self.end - self.pos:
-                    raise CBORError("truncated float", at)
+                    raise _error(_E_FLOAT, at)
                 v = struct.unpack_from(">f" if ai == 26 else ">d", self.mv, self.pos)[0]
                 self.pos += size
                 return v
-            raise CBORError("unexpected break" if ai == 31 else "unsupported simple value", at)
+            raise _error(_E_BREAK if ai == 31 else _E_SIMPLE, at)
+        if major == 6:
+            raise _error(_E_TAG, at)
         n = self._arg(ai, at)
-        if n < 0 and major in (0, 1, 6):
-            raise CBORError("indefinite length not allowed for major type %d" % major, at)
         if major == 0:
             return n
         if major == 1:
             return -1 - n
         if major < 4:  # byte or text string
-            if n >= 0:
-                return self._raw(n, at, major)
-            parts = []
-            while not self._at_break():
-                cat = self.pos
-                ib = self.mv[cat]
-                if ib >> 5 != major:
-                    raise CBORError("indefinite string chunk of another type", cat)
-                self.pos = cat + 1
-                self.items -= 1
-                if self.items < 0:
-                    raise CBORError("more than the allowed number of items", cat)
-                m = self._arg(ib & 31, cat)
-                if m < 0:
-                    raise CBORError("nested indefinite string chunk", cat)
-                parts.append(self._raw(m, cat, major))
-            return (b"" if major == 2 else "").join(parts)
+            return self._raw(n, at, major)
         if depth >= MAX_DEPTH:
-            raise CBORError("nesting deeper than %d" % MAX_DEPTH, at)
+            raise _error(_E_DEEP, at, MAX_DEPTH)
         left = self.end - self.pos
         if major == 4:  # array
-            if n < 0:
-                out = []
-                while not self._at_break():
-                    out.append(self.item(depth + 1))
-                return out
             if n > left:  # every item takes at least one byte
-                raise CBORError("array of %d items exceeds the %d bytes left" % (n, left), at)
+                raise _error(_E_ARRAY, at, (n, left))
             if n > self.items:
-                raise CBORError("more than the allowed number of items", at)
+                raise _error(_E_ITEMS, at)
             out = [None] * n
             for i in range(n):
                 out[i] = self.item(depth + 1)
             return out
-        if major == 5:  # map
-            if n > left // 2:
-                raise CBORError("map of %d pairs exceeds the %d bytes left" % (n, left), at)
-            out = {}
-            while True:
-                if n < 0:
-                    if self._at_break():
-                        return out
-                elif n == 0:
-                    return out
-                else:
-                    n -= 1
-                kat = self.pos
-                key = self.item(depth + 1)
-                if isinstance(key, (list, dict)):
-                    raise CBORError("map key of unhashable type", kat)
-                out[key] = self.item(depth + 1)
-        value = self.item(depth + 1)  # a tag: n is its number
-        if n in (2, 3):  # bignums
-            if not isinstance(value, bytes):
-                raise CBORError("bignum tag %d needs a byte string" % n, at)
-            v = 0
-            for b in value:
-                v = (v << 8) | b
-            return v if n == 2 else -1 - v
-        return value  # other tags (dates, URIs, ...): the tagged value itself
+        # a map
+        if n > left // 2:
+            raise _error(_E_MAP, at, (n, left))
+        out = {}
+        for _ in range(n):
+            kat = self.pos
+            key = self.item(depth + 1)
+            if isinstance(key, (list, dict)):
+                raise _error(_E_KEY, kat)
+            out[key] = self.item(depth + 1)
+        return out
 
 
 def _utf8_ok(b):

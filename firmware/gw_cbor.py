@@ -11,8 +11,7 @@ from .cbor_link import Link
 from .clock import elapsed_ms
 from .config_runtime import change
 from .messages import MessageError
-from .session import STOP_REASON_NAMES
-from .status_names import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES
+from .status_names import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES, STOP_NAMES
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
@@ -25,9 +24,9 @@ _MV_CHANGE_DA = const(10)      # a phase current moved this much (1 A): MeterVal
 _EV_START = const(1)           # firmware.session.EV_SESSION_START
 _EV_STOP = const(2)            # firmware.session.EV_SESSION_STOP
 _RX_CHUNK = const(64)          # bytes read from a serial line at a time
-# firmware.session stop reason code -> contract name (messages.STOP_REASONS); "Other" for
-# STOP_NONE, which no stop event carries.
-STOP_NAMES = ("Other",) + STOP_REASON_NAMES[1:]
+
+if 0:  # never runs: interned names for these literals, not heap strings (see messages.py)
+    unconfigured = bus_address = RebootRequired = 0
 
 
 class CborLink:

@@ -23,7 +23,7 @@ if 0:  # never runs. mpy-cross keeps a string literal longer than 10 characters 
     SetChargingLimit = GetConfiguration = ChangeConfiguration = TriggerMessage = 0
     firmwareVersion = hardwareRatingA = configError = heartbeatIntervalS = currentTimeMs = 0
     limitSource = sessionEnergyWh = meterStartWh = meterStopWh = configuration = unknownKeys = 0
-    requestedMessage = RebootRequired = EVDisconnected = EmergencyStop = 0
+    requestedMessage = RebootRequired = EVDisconnected = EmergencyStop = NotImplemented = 0
 
 # OCPP-J error codes.
 NOT_IMPLEMENTED = "NotImplemented"
@@ -61,7 +61,9 @@ _M = const(5)
 _A = const(6)
 _OPT = const(8)  # added to a kind code: the field may be left out
 
-STOP_REASONS = ("Local", "Remote", "EVDisconnected", "PowerLoss", "Reboot", "EmergencyStop", "Other")
+# Built from a list: a constant tuple would hold its long names as heap strings.
+STOP_REASONS = tuple(["Local", "Remote", "EVDisconnected", "PowerLoss", "Reboot", "EmergencyStop",
+                      "Other"])
 
 _RES = "/"  # in a spec: the result fields follow
 
@@ -174,6 +176,43 @@ class MessageError(ValueError):
         self.description = description
 
 
+# The descriptions, in one string (a string object each would cost a board ~40 B more),
+# picked by index (_T_...) only when a message is refused or described.
+_TEXTS = (
+    "unknown action %r|%s payload must be a map|%s has no field %r|%s needs field %s|"
+    "%s keys must be strings|%s must be %s|str (at most %d chars)|list of %s %s|"
+    "id must be an int 0..%d|frame must be an array [type, id, ...]|unknown frame type %r|"
+    "call must be [2, id, action, payload]|result must be [3, id, payload]|"
+    "error must be [4, id, errorCode, description, details]|result payload must be a map|"
+    "unknown error code %r"
+)
+_T_ACTION = const(0)
+_T_NOT_MAP = const(1)
+_T_NO_FIELD = const(2)
+_T_NEEDS = const(3)
+_T_KEYS = const(4)
+_T_MUST = const(5)
+_T_STR = const(6)
+_T_LIST = const(7)
+_T_ID = const(8)
+_T_FRAME = const(9)
+_T_TYPE = const(10)
+_T_CALL = const(11)
+_T_RESULT = const(12)
+_T_ERROR = const(13)
+_T_RESULT_MAP = const(14)
+_T_CODE = const(15)
+
+
+def _text(i):
+    return _TEXTS.split("|")[i]
+
+
+def _fail(code, i, args=()):
+    """The MessageError `code` with description i (a _T_ index) formatted with args."""
+    return MessageError(code, _text(i) % args)
+
+
 def direction(action):
     """Who sends the action's call; None for an action outside the contract."""
     if type(action) is str and action in _SPECS:
@@ -184,10 +223,10 @@ def direction(action):
 def validate_payload(action, payload, is_result=False):
     """Raise MessageError unless payload is a valid request (or result) of action."""
     if type(action) is not str or action not in _SPECS:
-        raise MessageError(NOT_IMPLEMENTED, "unknown action %r" % (action,))
+        raise _fail(NOT_IMPLEMENTED, _T_ACTION, (action,))
     spec = _SPECS[_SPECS.index(action) + 1]
     if not isinstance(payload, dict):
-        raise MessageError(FORMATION_VIOLATION, "%s payload must be a map" % action)
+        raise _fail(FORMATION_VIOLATION, _T_NOT_MAP, (action,))
     r = spec.index(_RES)
     lo, hi = (r + 1, len(spec)) if is_result else (1, r)
     for key in payload:
@@ -195,14 +234,14 @@ def validate_payload(action, payload, is_result=False):
             if spec[j] == key:
                 break
         else:
-            raise MessageError(FORMATION_VIOLATION, "%s has no field %r" % (action, key))
+            raise _fail(FORMATION_VIOLATION, _T_NO_FIELD, (action, key))
     for j in range(lo, hi, 3):
         name = spec[j]
         code = spec[j + 1]
         if name in payload:
             _check(code & 7, spec[j + 2], payload[name], name)
         elif not code & _OPT:
-            raise MessageError(OCCURRENCE_CONSTRAINT_VIOLATION, "%s needs field %s" % (action, name))
+            raise _fail(OCCURRENCE_CONSTRAINT_VIOLATION, _T_NEEDS, (action, name))
 
 
 def _check(kind, arg, v, name):
@@ -247,11 +286,11 @@ def _check(kind, arg, v, name):
         else:
             for key in v:
                 if type(key) is not str:
-                    raise MessageError(TYPE_CONSTRAINT_VIOLATION, "%s keys must be strings" % name)
+                    raise _fail(TYPE_CONSTRAINT_VIOLATION, _T_KEYS, (name,))
             return
     else:
         return
-    raise MessageError(code, "%s must be %s" % (name, what or describe(_KINDS[kind], arg)))
+    raise _fail(code, _T_MUST, (name, what or describe(_KINDS[kind], arg)))
 
 
 def describe(kind, arg):
@@ -263,18 +302,18 @@ def describe(kind, arg):
             return "%s >= %s" % (kind, arg[0])
         return "%s %s..%s" % (kind, arg[0], arg[1])
     if kind == "str":
-        return "str (at most %d chars)" % arg
+        return _text(_T_STR) % arg
     if kind == "enum":
         return "one of " + ", ".join(map(str, arg))
     if kind == "list":
         count = str(arg[1]) if arg[1] == arg[2] else "%d..%d" % (arg[1], arg[2])
-        return "list of %s %s" % (count, arg[0])
+        return _text(_T_LIST) % (count, arg[0])
     return kind
 
 
 def _check_id(msg_id):
     if type(msg_id) is not int or not 0 <= msg_id <= MAX_ID:
-        raise MessageError(FORMATION_VIOLATION, "id must be an int 0..%d" % MAX_ID)
+        raise _fail(FORMATION_VIOLATION, _T_ID, (MAX_ID,))
 
 
 def parse(obj):
@@ -283,23 +322,22 @@ def parse(obj):
     A result's payload is checked by whoever knows which action it answers
     (validate_payload(action, payload, is_result=True))."""
     if not isinstance(obj, (list, tuple)) or len(obj) < 3:
-        raise MessageError(FORMATION_VIOLATION, "frame must be an array [type, id, ...]")
+        raise _fail(FORMATION_VIOLATION, _T_FRAME)
     frame_type = obj[0]
     if type(frame_type) is not int or frame_type not in (CALL, RESULT, ERROR):
-        raise MessageError(FORMATION_VIOLATION, "unknown frame type %r" % (frame_type,))
+        raise _fail(FORMATION_VIOLATION, _T_TYPE, (frame_type,))
     _check_id(obj[1])
     try:
         if frame_type == CALL:
             if len(obj) != 4 or type(obj[2]) is not str:
-                raise MessageError(FORMATION_VIOLATION, "call must be [2, id, action, payload]")
+                raise _fail(FORMATION_VIOLATION, _T_CALL)
             validate_payload(obj[2], obj[3])
         elif frame_type == RESULT:
             if len(obj) != 3 or not isinstance(obj[2], dict):
-                raise MessageError(FORMATION_VIOLATION, "result must be [3, id, payload]")
+                raise _fail(FORMATION_VIOLATION, _T_RESULT)
         elif (len(obj) != 5 or obj[2] not in ERROR_CODES or type(obj[3]) is not str
               or not isinstance(obj[4], dict)):
-            raise MessageError(FORMATION_VIOLATION,
-                               "error must be [4, id, errorCode, description, details]")
+            raise _fail(FORMATION_VIOLATION, _T_ERROR)
     except MessageError as exc:
         exc.msg_id = obj[1]
         exc.frame_type = frame_type
@@ -316,12 +354,12 @@ def call(msg_id, action, payload):
 def result(msg_id, payload):
     _check_id(msg_id)
     if not isinstance(payload, dict):
-        raise MessageError(FORMATION_VIOLATION, "result payload must be a map")
+        raise _fail(FORMATION_VIOLATION, _T_RESULT_MAP)
     return [RESULT, msg_id, payload]
 
 
 def error(msg_id, code, description, details=None):
     _check_id(msg_id)
     if code not in ERROR_CODES:
-        raise MessageError(FORMATION_VIOLATION, "unknown error code %r" % (code,))
+        raise _fail(FORMATION_VIOLATION, _T_CODE, (code,))
     return [ERROR, msg_id, code, description, {} if details is None else details]

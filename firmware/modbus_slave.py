@@ -50,7 +50,10 @@ class ModbusSlave:
         # refused, so no reply is longer); the reply buffers are sized by it, not by the
         # protocol's 256 bytes.
         self.pdu_max = 2 + 2 * max(len(inputs), n)
-        self.out = bytearray(self.pdu_max + 3)  # RTU replies; TCP connections bring their own
+        # Replies: RTU (address, PDU, CRC) or Modbus TCP (MBAP header, PDU), the one buffer
+        # of every TCP connection (firmware/modbus_tcp.py: a reply is sent, or copied, before
+        # the next is made).
+        self.out = bytearray(self.pdu_max + 7)
         self.requests = 0          # frames addressed to this column
         self.exceptions = 0        # exception replies sent
         self.broadcasts = 0        # unit-0 frames seen

@@ -1,8 +1,9 @@
 # The same register map over Modbus TCP: MBAP framing around the RTU slave's `respond`.
-# A `ModbusTcpConnection` per client holds that client's bytes and its reply buffer
-# (pure, no I/O). serve_tcp() serves a column's ModbusLink with one per connection on
-# firmware/tcp_link.py; scripts and tests also use the poll loop in modbus_tcp_serve.py,
-# which a board never loads. Only a modbus-tcp board loads this module (firmware/links.py).
+# A `ModbusTcpConnection` per client holds that client's bytes (pure, no I/O); replies are
+# made in the slave's own reply buffer, shared by every connection. serve_tcp() serves a
+# column's ModbusLink with one per connection on firmware/tcp_link.py; scripts and tests
+# also use the poll loop in modbus_tcp_serve.py, which a board never loads. Only a
+# modbus-tcp board loads this module (firmware/links.py).
 # Unit ids: the column's bus address or 0xFF address the column; unit 0 is a broadcast as
 # on the RTU bus (limit table only, no reply).
 from . import tcp_link
@@ -72,6 +73,9 @@ async def _client(sock, link):
                 while out:
                     n = tcp_link.send(sock, out)
                     if n is None:
+                        # The reply buffer is every connection's: a reply that must wait for
+                        # its socket (a peer that does not read) waits as a copy.
+                        out = bytes(out)
                         await tcp_link.wait(sock, 1)
                     else:
                         out = out[n:]
@@ -90,7 +94,7 @@ class ModbusTcpConnection:
         self.slave = slave
         self.frame = memoryview(bytearray(TCP_MAX))   # the one view of the frame buffer
         self.pdu = self.frame[MBAP_LEN:]
-        self.out = bytearray(MBAP_LEN + slave.pdu_max)
+        self.out = slave.out   # shared: read a reply before the next next_reply()
         self._n = 0
         self.bad_header = 0   # invalid MBAP header: the connection must be closed
 

@@ -51,8 +51,7 @@ STOP_EV_DISCONNECTED = const(1)
 STOP_REMOTE = const(2)
 STOP_POWER_LOSS = const(3)
 STOP_EMERGENCY = const(4)
-# Contract names (firmware.messages.STOP_REASONS) by code; the CBOR link sends "Other" for 0.
-STOP_REASON_NAMES = ("None", "EVDisconnected", "Remote", "PowerLoss", "EmergencyStop")
+# Their contract names: firmware/status_names.py STOP_NAMES (the CBOR link's only).
 
 # Diode check result handed in by the controller.
 DIODE_UNKNOWN = const(0)     # the PWM was not running: the low level says nothing

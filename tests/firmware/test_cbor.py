@@ -1,4 +1,6 @@
-# firmware.cbor: RFC 8949 Appendix A vectors, deterministic encoding, hostile input.
+# firmware.cbor: RFC 8949 Appendix A vectors, deterministic encoding, hostile input. The
+# decoder takes what the message set can carry (no tags, bignums or indefinite lengths):
+# the Appendix A items beyond that are refused as bad input, with the offset.
 import math
 
 from fwtest import raises
@@ -18,9 +20,7 @@ ROUND_TRIP = (
     ("00", 0), ("01", 1), ("0a", 10), ("17", 23), ("1818", 24), ("1819", 25), ("1864", 100),
     ("1903e8", 1000), ("1a000f4240", 1000000), ("1b000000e8d4a51000", 1000000000000),
     ("1bffffffffffffffff", 18446744073709551615),
-    ("c249010000000000000000", 18446744073709551616),
     ("3bffffffffffffffff", -18446744073709551616),
-    ("c349010000000000000000", -18446744073709551617),
     ("20", -1), ("29", -10), ("3863", -100), ("3903e7", -1000),
     ("f90000", 0.0), ("f98000", -0.0), ("f93c00", 1.0), ("fb3ff199999999999a", 1.1),
     ("f93e00", 1.5), ("f97bff", 65504.0), ("fa47c35000", 100000.0),
@@ -39,22 +39,25 @@ ROUND_TRIP = (
      {"a": "A", "b": "B", "c": "C", "d": "D", "e": "E"}),
 )
 
-# Appendix A items that decode to a plain value (tags dropped, non-preferred forms).
+# Appendix A items that decode to a plain value in a form we never produce.
 DECODE_ONLY = (
     ("fa7f800000", _INF), ("faff800000", -_INF), ("fb7ff0000000000000", _INF),
-    ("fbfff0000000000000", -_INF), ("f7", None),
-    ("c074323031332d30332d32315432303a30343a30305a", "2013-03-21T20:04:00Z"),
-    ("c11a514b67b0", 1363896240), ("c1fb41d452d9ec200000", 1363896240.5),
-    ("d74401020304", b"\x01\x02\x03\x04"), ("d818456449455446", b"dIETF"),
-    ("d82076687474703a2f2f7777772e6578616d706c652e636f6d", "http://www.example.com"),
-    ("5f42010243030405ff", b"\x01\x02\x03\x04\x05"), ("7f657374726561646d696e67ff", "streaming"),
-    ("9fff", []), ("9f018202039f0405ffff", [1, [2, 3], [4, 5]]),
-    ("9f01820203820405ff", [1, [2, 3], [4, 5]]), ("83018202039f0405ff", [1, [2, 3], [4, 5]]),
-    ("83019f0203ff820405", [1, [2, 3], [4, 5]]),
-    ("9f0102030405060708090a0b0c0d0e0f101112131415161718181819ff", list(range(1, 26))),
-    ("bf61610161629f0203ffff", {"a": 1, "b": [2, 3]}), ("826161bf61626163ff", ["a", {"b": "c"}]),
-    ("bf6346756ef563416d7421ff", {"Fun": True, "Amt": -2}),
+    ("fbfff0000000000000", -_INF),
     ("1801", 1), ("190001", 1), ("fa3fc00000", 1.5), ("fb3ff8000000000000", 1.5),  # non-shortest
+)
+
+# Appendix A items the codec refuses: (hex, offset of the refused head, words of the error).
+REFUSED = (
+    ("c249010000000000000000", 0, "unsupported tag"), ("c349010000000000000000", 0, "unsupported tag"),
+    ("f7", 0, "unsupported simple value"),
+    ("c074323031332d30332d32315432303a30343a30305a", 0, "unsupported tag"),
+    ("c11a514b67b0", 0, "unsupported tag"), ("c1fb41d452d9ec200000", 0, "unsupported tag"),
+    ("d74401020304", 0, "unsupported tag"), ("d818456449455446", 0, "unsupported tag"),
+    ("d82076687474703a2f2f7777772e6578616d706c652e636f6d", 0, "unsupported tag"),
+    ("5f42010243030405ff", 0, "indefinite length"), ("7f657374726561646d696e67ff", 0, "indefinite length"),
+    ("9fff", 0, "indefinite length"), ("9f018202039f0405ffff", 0, "indefinite length"),
+    ("83018202039f0405ff", 5, "indefinite length"), ("83019f0203ff820405", 2, "indefinite length"),
+    ("bf61610161629f0203ffff", 0, "indefinite length"), ("826161bf61626163ff", 3, "indefinite length"),
 )
 
 
@@ -81,6 +84,20 @@ def test_rfc8949_vectors_encode_exactly():
 def test_rfc8949_vectors_decode():
     for text, value in ROUND_TRIP + DECODE_ONLY:
         assert same(cbor.loads(h(text)), value), text
+
+
+def test_appendix_a_items_beyond_the_message_set_are_refused_at_their_head():
+    for text, offset, words in REFUSED:
+        check_error(text, offset, words)
+
+
+def test_ints_beyond_64_bits_encode_as_bignums_that_the_decoder_refuses():
+    for big, text in ((18446744073709551616, "c249010000000000000000"),
+                      (-18446744073709551617, "c349010000000000000000")):
+        assert cbor.dumps(big) == h(text)
+        assert cbor.dumps([1, big]) == h("8201" + text)
+        check_error("8201" + text, 2, "unsupported tag")
+    assert cbor.dumps(-18446744073709551616) == h("3bffffffffffffffff")
 
 
 def test_nan_encodes_canonically_and_decodes_in_every_width():
@@ -141,12 +158,12 @@ def test_structural_errors_name_the_offset():
     check_error("1901", 0, "truncated argument")
     check_error("1c", 0, "reserved additional information")
     check_error("811c", 1, "reserved additional information")
-    check_error("1f", 0, "indefinite length not allowed")
-    check_error("3f", 0, "indefinite length not allowed")
-    check_error("df01", 0, "indefinite length not allowed")
+    check_error("1f", 0, "indefinite length not supported")
+    check_error("3f", 0, "indefinite length not supported")
+    check_error("df01", 0, "unsupported tag")
     check_error("ff", 0, "unexpected break")
     check_error("81ff", 1, "unexpected break")
-    check_error("9f01", 2, "missing break")
+    check_error("9f01", 0, "indefinite length not supported")
     check_error("fb3ff0", 0, "truncated float")
     check_error("fa3f", 0, "truncated float")
     check_error("f9", 0, "truncated argument")
@@ -155,7 +172,8 @@ def test_structural_errors_name_the_offset():
 def test_unsupported_values_are_errors():
     check_error("f0", 0, "unsupported simple value")     # simple(16)
     check_error("f8ff", 0, "unsupported simple value")   # simple(255)
-    check_error("c201", 0, "bignum tag 2 needs a byte string")
+    check_error("c201", 0, "unsupported tag")
+    check_error("8201c0", 2, "unsupported tag")
     check_error("a18001", 1, "unhashable")
     check_error("a1a00001", 1, "unhashable")
 
@@ -166,24 +184,22 @@ def test_declared_lengths_beyond_the_data_fail_before_allocating():
     check_error("9bffffffffffffffff", 0, "array of 18446744073709551615 items exceeds")
     check_error("9a00010000" + "00" * 4, 0, "array of 65536 items exceeds the 4 bytes left")
     check_error("a30102", 0, "map of 3 pairs exceeds")
-    check_error("5f4401", 1, "declared length 4 exceeds")
+    check_error("824401", 1, "declared length 4 exceeds")
 
 
-def test_indefinite_strings_need_definite_chunks_of_their_type():
-    check_error("5f6161ff", 1, "another type")
-    check_error("7f4161ff", 1, "another type")
-    check_error("5f5fffff", 1, "nested indefinite")
-    check_error("5f41", 1, "declared length 1 exceeds")
-    check_error("5f4101", 3, "missing break")
+def test_indefinite_lengths_are_refused_wherever_they_start():
+    for text, offset in (("5f6161ff", 0), ("7f4161ff", 0), ("5f41", 0), ("825f4101", 1),
+                         ("a1617a9f01ff", 3), ("bf", 0), ("9f", 0)):
+        check_error(text, offset, "indefinite length not supported")
 
 
 def test_invalid_utf8_is_an_error():
     for text in ("6180", "62c328", "63eda080", "62c080", "63e08080", "64f4908080", "64f5808080",
-                 "61ff", "62e282", "7f62c3ff"):
+                 "61ff", "62e282", "8162c3ff"):
         assert "invalid UTF-8" in str(raises(CBORError, cbor.loads, h(text))), text
     assert cbor.loads(h("64f48fbfbf")) == "\U0010ffff"
     assert cbor.loads(h("63ed9fbf")) == "\ud7ff"
-    assert cbor.loads(h("7f6161626262ff")) == "abb"
+    assert cbor.loads(h("63616262")) == "abb"
 
 
 def nested(levels):
@@ -197,7 +213,7 @@ def test_depth_limit_is_sixteen_nested_containers():
     assert value == []
     check_error("81" * 16 + "80", 16, "nesting deeper than 16")
     check_error("a101" + "81" * 15 + "a0", 17, "nesting deeper")
-    check_error("c1" * 17 + "00", 16, "nesting deeper")
+    check_error("a100" * 16 + "a0", 32, "nesting deeper")
     deep = []
     for _ in range(cbor.MAX_DEPTH):
         deep = [deep]
@@ -209,8 +225,8 @@ def test_item_count_is_bounded():
     assert cbor.loads(h("83010203"), 4) == [1, 2, 3]
     exc = raises(CBORError, cbor.loads, h("83010203"), 3)
     assert "allowed number of items" in str(exc)
-    raises(CBORError, cbor.loads, h("9f010203ff"), 3)
-    raises(CBORError, cbor.loads, h("5f41014102ff"), 2)
+    assert cbor.loads(h("a201020304"), 5) == {1: 2, 3: 4}
+    raises(CBORError, cbor.loads, h("a201020304"), 4)
     many = h("9907ff") + bytes(2047)  # 2047 zeros + the array itself: allowed
     assert len(cbor.loads(many)) == 2047
     raises(CBORError, cbor.loads, h("990800") + bytes(2048))
@@ -233,7 +249,7 @@ def test_unencodable_values_raise_cbor_error():
 
 def test_mutated_vectors_never_raise_anything_else():
     outcomes = 0
-    for text, _ in ROUND_TRIP + DECODE_ONLY:
+    for text, _ in ROUND_TRIP + DECODE_ONLY + tuple((r[0], None) for r in REFUSED):
         good = h(text)
         variants = [good[:i] for i in range(len(good))]
         for i in range(len(good)):

@@ -236,6 +236,22 @@ def test_malformed_cbor_is_answered_when_the_call_id_survives():
     assert c.link.counters["bad_cbor"] == 2 and c.seen == []
 
 
+def test_cbor_the_contract_never_carries_is_answered_as_malformed():
+    # A bignum (what a gateway's codec writes for an int beyond 64 bits), a tag, an
+    # indefinite-length payload: refused, answered, counted; the handler never runs.
+    c = Column()
+    error_reply(c, frame([2, 8, "Reset", {"type": 1 << 70}]), messages.FORMATION_VIOLATION,
+                "malformed CBOR: unsupported tag", msg_id=8)
+    tagged = hexbytes("84 02 09 65") + b"Reset" + hexbytes("c1 a1 64") + b"type" + hexbytes("64") + b"Soft"
+    error_reply(c, encode_frame(tagged), messages.FORMATION_VIOLATION, "malformed CBOR: unsupported tag",
+                msg_id=9)
+    indefinite = (hexbytes("84 02 0a 65") + b"Reset" + hexbytes("bf 64") + b"type" + hexbytes("64") + b"Soft"
+                  + hexbytes("ff"))
+    error_reply(c, encode_frame(indefinite), messages.FORMATION_VIOLATION,
+                "malformed CBOR: indefinite length not supported", msg_id=10)
+    assert c.link.counters["bad_cbor"] == 3 and c.seen == []
+
+
 def test_input_without_a_recoverable_call_id_is_dropped_and_counted():
     c = Column()
     for payload in (hexbytes("ff"), hexbytes("84 02"), hexbytes("84 03 05 a0"), hexbytes("84 02 3a 01"),

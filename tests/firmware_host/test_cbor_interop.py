@@ -4,7 +4,9 @@ In process (CPython): cbor2 -> firmware decode, firmware encode -> cbor2 decode,
 hostile bytes that the firmware must refuse with CBORError only (agreeing with cbor2 on
 what it accepts). Under both interpreters (subprocess, cbor_interop_peer.py): a batch of
 cbor2-encoded values is decoded and re-encoded by the firmware codec, and the bytes must be
-what the in-process codec produces and what cbor2 reads back as the original value.
+what the in-process codec produces and what cbor2 reads back as the original value. The
+decoder takes what the message set can carry: ints within 64 bits, no tags, no indefinite
+lengths (refused as bad input, with CBORError only); the encoder writes bignums as cbor2 does.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from hil.rig.firmware_proc import INTERPRETERS, run_firmware
 HERE = Path(__file__).resolve().parent
 PEER = HERE / "cbor_interop_peer.py"
 
-scalars = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
-           | st.integers(min_value=-(2 ** 64), max_value=2 ** 64 - 1)
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 64), max_value=2 ** 64 - 1)
+           | st.integers(min_value=-(2 ** 32), max_value=2 ** 32)
            | st.floats(allow_nan=True, allow_infinity=True)
            | st.floats(width=32) | st.floats(width=16) | st.text(max_size=20) | st.binary(max_size=20))
 keys = st.text(max_size=8) | st.integers(min_value=-(2 ** 40), max_value=2 ** 40) | st.binary(max_size=4)
@@ -84,6 +86,16 @@ def test_firmware_encoded_values_decode_in_cbor2_to_the_same_value(value: Any) -
     assert cbor.dumps(cbor.loads(data)) == data
     if not has_map(value):  # cbor2 sorts map keys length-first, RFC 8949 bytewise
         assert data == cbor2.dumps(value, canonical=True)
+
+
+@CASES
+@given(st.integers(min_value=2 ** 64, max_value=2 ** 80)
+       | st.integers(min_value=-(2 ** 80), max_value=-(2 ** 64) - 1))
+def test_bignums_encode_as_cbor2_does_and_are_refused_as_input(value: int) -> None:
+    data = cbor.dumps(value)
+    assert data == cbor2.dumps(value) and cbor2.loads(data) == value
+    with pytest.raises(CBORError, match="unsupported tag at byte 0"):
+        cbor.loads(data)
 
 
 def plain(value: Any) -> bool:
@@ -144,9 +156,10 @@ def test_hostile_bytes_raise_cbor_error_only_and_agree_with_cbor2(data: bytes) -
     untagged = not any(0xC0 <= b <= 0xDB for b in data)  # cbor2 gives some tags a meaning
     if isinstance(mine, CBORError):
         # The firmware may refuse more than cbor2 (simple values, keys it cannot hash, our
-        # nesting limit), but not plain data that cbor2 reads.
+        # nesting limit, indefinite lengths), but not other plain data that cbor2 reads.
         if theirs is not REFUSED and plain(theirs) and untagged:
-            assert "nesting deeper" in str(mine), (data.hex(), mine, theirs)
+            refused = "nesting deeper" in str(mine) or "indefinite length" in str(mine)
+            assert refused, (data.hex(), mine, theirs)
         return
     # Whatever the firmware accepts re-encodes to something it reads back the same.
     assert same(cbor.loads(cbor.dumps(mine)), mine)

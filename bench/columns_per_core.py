@@ -407,7 +407,8 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
         names = {"polls_and_rest": "polls (south adapter, asyncio, sockets) and the rest",
                  "telemetry_slices": "telemetry built and queued in the outbox (with its fsync wait)",
                  "control_step": "the control step", "readings_handled": "readings handled by the service",
-                 "mqtt_publishing": "MQTT (paho reading PUBACKs, outbox rows handed to paho and deleted)",
+                 "mqtt_publishing": "MQTT (the client reading PUBACKs and writing, outbox rows read, "
+                                    "published and deleted)",
                  "other_threads": "other threads", "garbage_collector": "the garbage collector"}
         notes.append(f"Where the CPU per column and second went at {top['columns']} columns: " + ", ".join(
             f"{names.get(k, k)} {v} µs" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])) + ".")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import load_config
+from gateway.north.mqtt_client import MqttConnection
 from gateway.north.publisher import Publisher
 from gateway.service import GatewayService, _Step, settle_collector
 from gateway.south.schedule import Due, PollSchedule
@@ -123,9 +124,9 @@ def _record_lateness() -> None:
     PollSchedule.take = measured  # type: ignore[method-assign]
 
 
-def _record_time_in(cls: Any, names: tuple[str, ...], part: str) -> None:
-    """Sum the time spent in methods `names` of `cls` into TIMED_S[part] (outermost calls only:
-    one may call another), to split the CPU per column between its parts."""
+def _record_time_in(part: str, *targets: tuple[Any, tuple[str, ...]]) -> None:
+    """Sum the time spent in the methods of each (class, names) target into TIMED_S[part]
+    (outermost calls only: one may call another), to split the CPU per column between its parts."""
     depth = [0]
     TIMED_S[part] = 0.0
 
@@ -141,8 +142,9 @@ def _record_time_in(cls: Any, names: tuple[str, ...], part: str) -> None:
                     TIMED_S[part] += time.perf_counter() - t0
         return timed
 
-    for name in names:
-        setattr(cls, name, wrap(getattr(cls, name)))
+    for cls, names in targets:
+        for name in names:
+            setattr(cls, name, wrap(getattr(cls, name)))
 
 
 def _record_gc() -> None:
@@ -161,7 +163,7 @@ def _record_gc() -> None:
 
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds of each thread of this process, by thread name (the event loop's thread is
-    MainThread, paho's network loop is paho-mqtt-client-*, asyncio.to_thread workers asyncio_N)."""
+    MainThread, asyncio.to_thread workers asyncio_N)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
@@ -171,7 +173,7 @@ def thread_cpu_s() -> dict[str, float]:
         except OSError:
             continue
         name = names.get(int(task.name), "other")
-        name = "paho" if name.startswith("paho") else "to_thread" if name.startswith("asyncio_") else name
+        name = "to_thread" if name.startswith("asyncio_") else name
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
@@ -300,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     _record_telemetry()
     _record_control_steps()
     _record_gc()
-    # The southbound events (a reading per poll) and the MQTT side (paho's reads, the outbox's
-    # messages handed to paho, PUBACKs deleting rows) run in the loop's thread: timed as parts.
-    _record_time_in(GatewayService, ("_on_south",), "readings_handled")
-    _record_time_in(Publisher, ("_readable", "_fill", "_flush_acks"), "mqtt_publishing")
+    # The southbound events (a reading per poll) and the MQTT side (the client reading PUBACKs
+    # and writing what was queued, outbox rows read and published, acknowledged rows deleted)
+    # run in the loop's thread: timed as parts.
+    _record_time_in("readings_handled", (GatewayService, ("_on_south",)))
+    _record_time_in("mqtt_publishing", (MqttConnection, ("data_received", "flush")),
+                    (Publisher, ("_fill", "_flush_acks")))
     asyncio.run(main_async(args))
     return 0
 

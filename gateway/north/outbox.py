@@ -349,8 +349,8 @@ class Outbox:
         return self._transaction(work)
 
     def drop(self, row_ids: Iterable[int]) -> int:
-        """Delete rows that can never be delivered (the broker refused them, or paho cannot
-        send them), counting them as drops so that the next report covers them."""
+        """Delete rows that can never be delivered (the broker refused them, or the MQTT
+        client cannot send them), counting them as drops so that the next report covers them."""
         ids = list(row_ids)
 
         def work() -> int:

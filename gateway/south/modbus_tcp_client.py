@@ -16,15 +16,24 @@ but no frame for this request, or an invalid MBAP header: then the connection is
 the stream cannot be resynchronised), ``exception`` (a Modbus exception reply) and
 ``wrong_length`` (a well-formed reply of the wrong size or echo). A reply that arrives after
 its request timed out carries the old transaction id and is ignored.
+
+A request is either awaited (read_input, write_single, write_multiple: a future and a timeout
+each) or sent with a callback (send_read_input, send_write_single: the outcome is handed to
+the callback from the connection's `data_received`, from :meth:`TcpRequester.expire` at the
+caller's deadline, or when the connection is lost). The callback form is the adapter's poll
+path: no future, no task woken, no timer of its own (the adapter checks a whole slot of
+columns' deadlines at once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from firmware.modbus_tcp import MBAP_LEN, TCP_MAX
 from gateway.south.coarse_timer import CoarseTimer
@@ -45,13 +54,23 @@ FC_WRITE_MULTIPLE = 16
 _HEADER = struct.Struct(">HHHB")          # transaction id, protocol 0, length, unit
 _READ = struct.Struct(">BHH")              # fc, start, count (FC06: fc, address, value)
 _ECHO = struct.Struct(">HH")               # FC06 (address, value) / FC16 (start, count) echo
+_REQUEST = struct.Struct(">HHHBBHH")      # a whole FC04/FC06 request: MBAP header, fc, two words
 _MAX_LENGTH = TCP_MAX - 6                  # MBAP length field: unit + PDU
+
+# A sent request's outcome: done(arg, value, None) or done(arg, None, error).
+Done = Callable[[Any, Any, "ExchangeError | None"], None]
+
+
+@functools.lru_cache(maxsize=16)
+def _registers(count: int) -> struct.Struct:
+    """The data of an FC03/FC04 reply of `count` registers (one compiled format per count)."""
+    return struct.Struct(">%dH" % count)
 
 
 class _Link(asyncio.Protocol):
-    """The connection: frames in, the pending request's future settled."""
+    """The connection: frames in, the pending request settled (its future, or its callback)."""
 
-    __slots__ = ("buf", "fc", "future", "rx", "tid", "transport", "unit")
+    __slots__ = ("buf", "done", "fc", "future", "rx", "tid", "transport", "unit")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -60,6 +79,7 @@ class _Link(asyncio.Protocol):
         self.fc = 0
         self.unit = 0
         self.future: asyncio.Future[bytes] | None = None
+        self.done: Callable[[bytes | None, ExchangeError | None], None] | None = None   # or this
         self.rx = False                   # bytes of a frame for the pending request came back
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -83,7 +103,7 @@ class _Link(asyncio.Protocol):
             end = 6 + length
             if len(buf) < end:
                 break
-            if self.future is not None and tid == self.tid:
+            if tid == self.tid and (self.future is not None or self.done is not None):
                 self.rx = True
                 if unit != self.unit:
                     self._settle_error(ExchangeError(REASON_GARBLED, "reply from unit %d" % unit))
@@ -95,27 +115,53 @@ class _Link(asyncio.Protocol):
                         self._settle_error(ExchangeError(REASON_EXCEPTION, "exception code %d" % code))
                     elif fc != self.fc:
                         self._settle_error(ExchangeError(REASON_GARBLED, "reply with function %d" % fc))
-                    else:
-                        fut, self.future = self.future, None
-                        if not fut.done():
-                            fut.set_result(pdu)
+                    elif self.future is not None:
+                        self._settle(pdu)
+                    else:   # a request sent with a callback (cleared first: it may send the next)
+                        done, self.done = self.done, None
+                        assert done is not None
+                        done(pdu, None)
             buf = buf[end:]
         if buf:
-            if self.future is not None:
+            if self.future is not None or self.done is not None:
                 self.rx = True
             self.buf = buf
         else:
             self.buf = b""
 
+    @property
+    def pending(self) -> bool:
+        return self.future is not None or self.done is not None
+
+    def _settle(self, pdu: bytes) -> None:
+        fut = self.future
+        if fut is not None:
+            self.future = None
+            if not fut.done():
+                fut.set_result(pdu)
+            return
+        done = self.done
+        if done is not None:   # cleared first: the callback may send the next request
+            self.done = None
+            done(pdu, None)
+
     def _settle_error(self, exc: ExchangeError) -> None:
-        fut, self.future = self.future, None
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
+        fut = self.future
+        if fut is not None:
+            self.future = None
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        done = self.done
+        if done is not None:
+            self.done = None
+            done(None, exc)
 
 
 class TcpRequester:
     """One column's connection. `await connect()`, then read_input / write_single /
-    write_multiple, one at a time (the column's task serialises them)."""
+    write_multiple or send_read_input / send_write_single, one request at a time (the adapter
+    serialises them: the column's task, or its poll slot)."""
 
     def __init__(self, host: str, port: int, timer: CoarseTimer | None = None) -> None:
         self.host = host
@@ -126,6 +172,13 @@ class TcpRequester:
         self._reads: dict[tuple[int, int], bytes] = {}   # (address, count) -> the request's PDU
         self.exchanges = 0
         self.failures: dict[str, int] = {}
+        # The request sent with a callback (one at a time): its callback, argument, check.
+        self._done: Done | None = None
+        self._arg: Any = None
+        self._expect = 0          # FC04: registers; FC06: the value written
+        self._address = 0         # FC06: the address written
+        self._on_read = self._read_settled          # bound once: the link calls them per request
+        self._on_write = self._write_settled
 
     @property
     def connected(self) -> bool:
@@ -160,6 +213,8 @@ class TcpRequester:
         link = self._link
         if link is None or link.transport is None:
             raise self._fail(REASON_DISCONNECTED)
+        if link.pending:
+            raise RuntimeError("a request is already pending on this connection")
         self.exchanges += 1
         self._tid = tid = (self._tid + 1) & 0xFFFF
         loop = asyncio.get_running_loop()
@@ -180,9 +235,75 @@ class TcpRequester:
         except ExchangeError as exc:
             raise self._fail(exc.reason, exc.detail) from None
         finally:
+            if link.future is fut:   # cancelled while waiting: the next request starts clean
+                link.future = None
             if timer is not None:
                 timer.cancel()
 
+    # -- requests with a callback ---------------------------------------------------------
+    def send_read_input(self, unit: int, address: int, count: int, done: Done, arg: Any) -> int:
+        """FC04, not awaited: `done(arg, registers, None)` or `done(arg, None, error)` later (at
+        once when there is no connection). Returns the transaction id for :meth:`expire` (-1:
+        not sent)."""
+        return self._send(unit, FC_READ_INPUT, address, count, settled=self._on_read, done=done, arg=arg)
+
+    def send_write_single(self, unit: int, address: int, value: int, done: Done, arg: Any) -> int:
+        """FC06, not awaited, confirmed by its echo: `done(arg, None, None)` or `done(arg, None, error)`."""
+        self._address = address
+        return self._send(unit, FC_WRITE_SINGLE, address, value, settled=self._on_write, done=done,
+                          arg=arg)
+
+    def expire(self, tid: int) -> None:
+        """The deadline of the request `tid` sent with a callback: if it is still pending, it
+        failed (timeout, or garbled when part of a frame came back); a reply after this is ignored."""
+        link = self._link
+        if link is not None and link.done is not None and link.tid == tid:
+            settled, link.done = link.done, None
+            settled(None, ExchangeError(REASON_GARBLED if link.rx else REASON_TIMEOUT))
+
+    def _send(self, unit: int, fc: int, word1: int, word2: int, *,
+              settled: Callable[[bytes | None, ExchangeError | None], None], done: Done, arg: Any) -> int:
+        link = self._link
+        if link is None or link.transport is None:
+            done(arg, None, self._fail(REASON_DISCONNECTED))
+            return -1
+        if link.future is not None or link.done is not None:
+            raise RuntimeError("a request is already pending on this connection")
+        self.exchanges += 1
+        self._tid = tid = (self._tid + 1) & 0xFFFF
+        self._done, self._arg, self._expect = done, arg, word2
+        link.tid, link.fc, link.unit, link.done, link.rx = tid, fc, unit, settled, False
+        link.transport.write(_REQUEST.pack(tid, 0, 6, unit, fc, word1, word2))
+        return tid
+
+    def _read_settled(self, pdu: bytes | None, exc: ExchangeError | None) -> None:
+        done, arg = self._done, self._arg
+        self._done = self._arg = None
+        assert done is not None
+        if pdu is None:
+            assert exc is not None
+            done(arg, None, self._fail(exc.reason, exc.detail))
+            return
+        count = self._expect
+        if len(pdu) != 2 + 2 * count or pdu[1] != 2 * count:
+            detail = "%d bytes for %d registers" % (len(pdu) - 2, count)
+            done(arg, None, self._fail(REASON_WRONG_LENGTH, detail))
+            return
+        done(arg, _registers(count).unpack_from(pdu, 2), None)
+
+    def _write_settled(self, pdu: bytes | None, exc: ExchangeError | None) -> None:
+        done, arg = self._done, self._arg
+        self._done = self._arg = None
+        assert done is not None
+        if pdu is None:
+            assert exc is not None
+            done(arg, None, self._fail(exc.reason, exc.detail))
+        elif len(pdu) != 5 or _ECHO.unpack_from(pdu, 1) != (self._address, self._expect):
+            done(arg, None, self._fail(REASON_WRONG_LENGTH, "echo %s" % pdu[1:].hex()))
+        else:
+            done(arg, None, None)
+
+    # -- awaited requests ------------------------------------------------------------------
     async def read_input(self, unit: int, address: int, count: int, timeout_s: float) -> tuple[int, ...]:
         """FC04: `count` input registers from `address`."""
         request = self._reads.get((address, count))
@@ -191,7 +312,7 @@ class TcpRequester:
         pdu = await self._exchange(unit, FC_READ_INPUT, request, timeout_s)
         if len(pdu) < 2 or pdu[1] != 2 * count or len(pdu) != 2 + 2 * count:
             raise self._fail(REASON_WRONG_LENGTH, "%d bytes for %d registers" % (len(pdu) - 2, count))
-        return struct.unpack_from(">%dH" % count, pdu, 2)
+        return _registers(count).unpack_from(pdu, 2)
 
     async def write_single(self, unit: int, address: int, value: int, timeout_s: float) -> None:
         """FC06, confirmed by its echo of address and value."""

@@ -107,6 +107,9 @@ class Due(NamedTuple, Generic[K]):
     late_s: float     # how late it is being taken
 
 
+_new_due = tuple.__new__
+
+
 class PollSchedule(Generic[K, U]):
     """Earliest-deadline-first periodic jobs on one bus, with an urgent FIFO in front.
 
@@ -204,11 +207,17 @@ class PollSchedule(Generic[K, U]):
         return first
 
     def take(self, now: float) -> Due[K] | None:
-        """The most overdue periodic job, if any is due; its next run is booked."""
-        job = self._next()
+        """The most overdue periodic job, if any is due; its next run is booked. (Runs for
+        every poll of every column: _next and stretch written out.)"""
+        job = None
+        for j in self._jobs.values():
+            if job is None or j.due < job.due:
+                job = j
         if job is None or job.due > now:
             return None
-        period = job.period_s * self.stretch()
+        demand = self._demand if self._demand is not None else self.demand()
+        stretch = demand / self.budget
+        period = job.period_s * (stretch if stretch > 1.0 else 1.0)
         due = job.due
         job.due += period
         if job.due <= now:
@@ -220,7 +229,7 @@ class PollSchedule(Generic[K, U]):
             while job.due <= now:   # rounding
                 job.due += period
         job.runs += 1
-        return Due(job.key, due, now - due)
+        return _new_due(Due, (job.key, due, now - due))   # without NamedTuple's __new__ frame
 
     def wait_s(self, now: float) -> float | None:
         """Seconds until the next job is due: 0 with urgent work, None with no jobs."""

@@ -194,3 +194,143 @@ def test_nothing_listening_is_no_connection() -> None:
         assert (await failure(requester.read_input(1, 0, 2, 1.0)))[0] == "disconnected"
 
     asyncio.run(main())
+
+
+# -- requests sent with a callback (the adapter's poll slots) --------------------------------
+
+Outcome = tuple[object, object, "ExchangeError | None"]
+
+
+class Outcomes:
+    """Collects done(arg, value, error) calls; `next()` waits for the next one."""
+
+    def __init__(self) -> None:
+        self.got: list[Outcome] = []
+        self._event = asyncio.Event()
+
+    def __call__(self, arg: object, value: object, exc: ExchangeError | None) -> None:
+        self.got.append((arg, value, exc))
+        self._event.set()
+
+    async def next(self, timeout_s: float = 2.0) -> Outcome:
+        async with asyncio.timeout(timeout_s):
+            while not self.got:
+                self._event.clear()
+                await self._event.wait()
+        return self.got.pop(0)
+
+
+def reason_of(outcome: Outcome) -> str:
+    assert outcome[2] is not None, outcome
+    return outcome[2].reason
+
+
+def test_a_sent_poll_is_the_same_frame_and_its_registers_come_to_the_callback() -> None:
+    image = list(range(200, 200 + regmap.POLL_COUNT))
+
+    async def body(r: TcpRequester, seen: list[bytes]) -> None:
+        done = Outcomes()
+        assert r.send_read_input(7, 0, regmap.POLL_COUNT, done, "col") == 1
+        assert await done.next() == ("col", tuple(image), None)
+        assert r.send_read_input(7, 0, regmap.POLL_COUNT, done, "col") == 2
+        assert await done.next() == ("col", tuple(image), None)
+        assert seen == [bytes.fromhex("0001 0000 0006 07 04 0000 0020"),
+                        bytes.fromhex("0002 0000 0006 07 04 0000 0020")]
+        assert r.exchanges == 2 and r.failures == {}
+
+    run(lambda req: reply(req, bytes((4, 2 * len(image))) + registers(image)), body)
+
+
+def test_a_sent_heartbeat_is_fc06_confirmed_by_its_echo_or_wrong_length() -> None:
+    answers = iter([None, b"\x06\x00\x03\x00\x0a"])   # the echo; then another value
+
+    async def body(r: TcpRequester, seen: list[bytes]) -> None:
+        done = Outcomes()
+        r.send_write_single(3, regmap.HR_HEARTBEAT, 9, done, 1)
+        assert await done.next() == (1, None, None)
+        r.send_write_single(3, regmap.HR_HEARTBEAT, 9, done, 2)
+        assert reason_of(await done.next()) == "wrong_length"
+        assert seen[0] == bytes.fromhex("0001 0000 0006 03 06 0003 0009")
+        assert r.failures == {"wrong_length": 1}
+
+    def script(req: bytes) -> bytes:
+        pdu = next(answers)
+        return reply(req, req[7:12] if pdu is None else pdu)
+
+    run(script, body)
+
+
+def test_a_sent_request_expires_as_a_timeout_at_its_own_deadline_only() -> None:
+    async def body(r: TcpRequester, _seen: list[bytes]) -> None:
+        done = Outcomes()
+        tid = r.send_read_input(1, 0, regmap.POLL_COUNT, done, None)
+        await asyncio.sleep(0.05)
+        r.expire(tid + 1)                      # another request's deadline: not this one's
+        assert not done.got
+        r.expire(tid)
+        assert reason_of(await done.next()) == "timeout"
+        r.expire(tid)                          # twice: nothing more
+        await asyncio.sleep(0.01)
+        assert not done.got and r.connected and r.failures == {"timeout": 1}
+
+    run(lambda _req: b"", body)
+
+
+def test_a_reply_after_its_sent_request_expired_is_ignored() -> None:
+    image = list(range(regmap.POLL_COUNT))
+    held: list[bytes] = []
+
+    def script(req: bytes) -> bytes:
+        if not held:   # the first request: answered only together with the second
+            held.append(req)
+            return b""
+        late = reply(held[0], b"\x04\x40" + registers([0xDEAD] * 32))
+        return late + reply(req, b"\x04\x40" + registers(image))
+
+    async def body(r: TcpRequester, _seen: list[bytes]) -> None:
+        done = Outcomes()
+        r.expire(r.send_read_input(1, 0, regmap.POLL_COUNT, done, "a"))
+        assert reason_of(await done.next()) == "timeout"
+        r.send_read_input(1, 0, regmap.POLL_COUNT, done, "b")
+        assert await done.next() == ("b", tuple(image), None)
+        await asyncio.sleep(0.01)
+        assert not done.got
+
+    run(script, body)
+
+
+def test_a_sent_request_with_part_of_a_frame_back_expires_garbled() -> None:
+    async def body(r: TcpRequester, _seen: list[bytes]) -> None:
+        done = Outcomes()
+        tid = r.send_read_input(1, 0, regmap.POLL_COUNT, done, None)
+        await asyncio.sleep(0.3)
+        r.expire(tid)
+        assert reason_of(await done.next()) == "garbled"
+
+    run(lambda req: req[0:2] + b"\x00\x00\x00\x43\x01\x04", body)
+
+
+def test_a_sent_request_fails_at_once_without_a_connection_and_on_hang_up() -> None:
+    async def body(r: TcpRequester, _seen: list[bytes]) -> None:
+        done = Outcomes()
+        r.send_read_input(1, 0, 2, done, "x")
+        assert reason_of(await done.next()) == "disconnected"   # the server hung up
+        assert not r.connected
+        assert r.send_read_input(1, 0, 2, done, "y") == -1
+        assert done.got and done.got[0][0] == "y" and reason_of(done.got[0]) == "disconnected"
+
+    run(lambda _req: None, body)
+
+
+def test_one_request_at_a_time_on_a_connection() -> None:
+    """A second request while one is pending would take the first one's reply: refused."""
+    async def body(r: TcpRequester, _seen: list[bytes]) -> None:
+        done = Outcomes()
+        r.send_read_input(1, 0, 2, done, None)
+        with pytest.raises(RuntimeError):
+            r.send_write_single(1, regmap.HR_HEARTBEAT, 1, done, None)
+        with pytest.raises(RuntimeError):
+            await r.read_input(1, 0, 2, 1.0)
+        assert await done.next() == (None, (1, 2), None)
+
+    run(lambda req: reply(req, b"\x04\x04\x00\x01\x00\x02"), body)

@@ -12,8 +12,8 @@ import functools
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Self
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Self
 
 from firmware import regmap, regmap_tables, status_names
 
@@ -40,9 +40,9 @@ def flag_names(flags: int) -> tuple[str, ...]:
     return tuple(n for bit, n in enumerate(regmap_tables.FLAG_NAMES) if flags & (1 << bit))
 
 
-@dataclass(frozen=True, slots=True)
-class ColumnReading:
-    """One poll of one column, in engineering units (slots: one is held per column)."""
+class ColumnReading(NamedTuple):
+    """One poll of one column, in engineering units. (This and ColumnLink are NamedTuples:
+    one of each is built for every poll of every column; a frozen dataclass costs 4x to build.)"""
 
     column_id: str
     ts_ms: int                       # UTC ms when the reply arrived
@@ -71,8 +71,7 @@ class ColumnReading:
     uptime_s: int = 0
 
 
-@dataclass(frozen=True)
-class ColumnLink:
+class ColumnLink(NamedTuple):
     """Whether a column answers, and why not when it does not."""
 
     column_id: str
@@ -230,7 +229,7 @@ class LinkTracker:
 
     def ok(self, now_ms: int) -> ColumnLink | None:
         changed = not (self.link.online and self._reported)
-        # Every good reply of every column comes here: built directly, replace() costs 5x more.
+        # Every good reply of every column comes here: built directly, _replace() costs more.
         self.link = ColumnLink(self.column_id, True, REASON_OK, 0, now_ms,
                                now_ms if changed else self.link.since_ms, "")
         self._reported = True
@@ -241,9 +240,9 @@ class LinkTracker:
         n = self.link.consecutive_failures + 1
         # Offline after N failures in a row; a column never seen is announced offline then too.
         changed = n >= self.offline_after and (self.link.online or not self._reported)
-        self.link = replace(self.link, reason=reason, consecutive_failures=n, detail=detail,
-                            online=False if changed else self.link.online,
-                            since_ms=now_ms if changed else self.link.since_ms)
+        self.link = self.link._replace(reason=reason, consecutive_failures=n, detail=detail,
+                                       online=False if changed else self.link.online,
+                                       since_ms=now_ms if changed else self.link.since_ms)
         if changed:
             self._reported = True
         return self.link if changed else None

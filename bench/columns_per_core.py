@@ -41,7 +41,7 @@ from typing import Any
 from bench.raw_clients import paho_publish, pymodbus_polls, telemetry, wire_messages
 from bench.stats import median, percentile, spread
 from bench.suite import Context
-from gateway.service import OFFLOAD_MIN_COLUMNS, TELEMETRY_SLICE
+from gateway.service import OFFLOAD_MIN_COLUMNS, STEP_SLICE, TELEMETRY_SLICE
 from hil.rig.broker import Broker, Listener
 from hil.rig.site_files import new_key, toml_text, write_secrets
 
@@ -361,7 +361,7 @@ def _result(ctx: Context, steps: list[dict[str, Any]], base_runs: list[dict[str,
         "method": __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
     }
     result["table"] = {
-        "header": ["columns", "CPU %", "lateness p50 ms", "lateness p99 ms", "control step ms (p50)",
+        "header": ["columns", "CPU %", "lateness p50 ms", "lateness p99 ms", "control step loop ms (p50)",
                    "telemetry slice ms (max)", "polls/s", "telemetry/s", "RSS MB", "farm CPU %",
                    "load avg", "result"],
         "rows": [[s["columns"], round(100 * s["cpu_fraction"], 1), s["lateness_ms"].get("p50"),
@@ -397,15 +397,15 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
     step_us = r.get("control_step_us_per_column")
     if step_us:
         notes.append(f"The control step (one allocation over every column, once a second and on changes) "
-                     f"holds the event loop about {step_us} µs per column (slope of its p50 over N): "
-                     f"{step_us:.0f} ms at 1,000 columns, 100 ms at about "
-                     f"{int(100_000 / step_us):,} columns. From {OFFLOAD_MIN_COLUMNS} columns the "
-                     "allocation itself runs in a worker thread (gateway.service), which the figure "
-                     "leaves out; its CPU is in the control step's share below.")
+                     f"takes about {step_us} µs of the event loop's time per column (slope of its p50 "
+                     f"over N). Below {OFFLOAD_MIN_COLUMNS} columns that is one stretch; from there the "
+                     f"step reads the columns and sends their limits {STEP_SLICE} at a time with the "
+                     "loop free in between, and allocates (and checks the load) in a worker thread "
+                     "(gateway.service), whose CPU is in the control step's share below.")
     parts = top.get("breakdown_us_per_column_s")
     if parts:
         names = {"polls_and_rest": "polls (south adapter, asyncio, sockets) and the rest",
-                 "telemetry_slices": "telemetry built and queued in the outbox (with its fsync wait)",
+                 "telemetry_slices": "telemetry built and queued in the outbox",
                  "control_step": "the control step", "readings_handled": "readings handled by the service",
                  "mqtt_publishing": "MQTT (the client reading PUBACKs and writing, outbox rows read, "
                                     "published and deleted)",
@@ -434,8 +434,8 @@ def _holds(s: dict[str, Any]) -> str:
     parts = []
     step, piece = s.get("control_step_ms") or {}, s.get("telemetry_slice_ms") or {}
     if step:
-        parts.append(f"a control step (the allocation over every column) {step['p50']} ms "
-                     f"(max {step['max']})")
+        parts.append(f"a control step's loop time (the allocation over every column; in slices "
+                     f"from {OFFLOAD_MIN_COLUMNS} columns) {step['p50']} ms (max {step['max']})")
     if piece:
         parts.append(f"a telemetry slice (up to {TELEMETRY_SLICE} columns' payloads built and queued in one "
                      f"outbox transaction) {piece['p50']} ms (max {piece['max']})")

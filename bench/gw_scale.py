@@ -8,9 +8,10 @@ seconds: the process's CPU (all threads), one sample a second, and each thread's
 lateness (how late each column's poll is taken against its schedule: PollSchedule.take is
 wrapped here to record it, nothing else is changed); how long each telemetry round takes and
 how long each of its slices holds the event loop (GatewayService.telemetry_round,
-_column_telemetry and the outbox transaction, timed the same way); how long each control step
-holds it (GatewayService._begin_step, _finish_step, and _Step.run when it runs on the loop) and
-the CPU of the allocation when it runs in a worker thread (_Step.run, thread time); polls,
+_column_telemetry and the outbox transaction, timed the same way); the event loop's time in
+each control step (GatewayService._open_step, _collect, _step_inputs, _close_step,
+_send_limits, and _Step.run when it runs on the loop) and the CPU of the allocation when it
+runs in a worker thread (_Step.run, thread time); polls,
 telemetry messages acknowledged by the broker, the outbox backlog, poll cycles skipped, events
 dropped, RSS, each garbage collection's pause (gc.callbacks), and from these where the CPU per
 column went. With --profile, cProfile records the event loop's thread during the window. It
@@ -41,10 +42,15 @@ from gateway.south.schedule import Due, PollSchedule
 LATE_S: list[float] = []
 TELEMETRY_S: list[float] = []   # one telemetry round, start to end (the loop is free between its slices)
 SLICE_S: list[float] = []       # one slice of a round: payloads built and queued, the loop held
-STEP_S: list[float] = []        # one control step (allocation over every column), the loop held
+STEP_S: list[float] = []        # the event loop's time in one control step (see _record_control_steps)
 STEP_THREAD_S: list[float] = []  # CPU of an allocation run in a worker thread (large sites)
+STEP_BY_GENERATION: list[dict[int, float]] = []   # the loop's time per step, by step number
 GC_S: list[list[float]] = [[], [], []]   # each garbage collection's pause, by generation
-TIMED_S: dict[str, float] = {}  # seconds spent in parts of the service (_record_time_in), summed
+# The CPU breakdown counts the event loop thread's CPU time (time.thread_time), not wall time:
+# while the allocation runs in its worker thread, a part preempted for the interpreter lock
+# would otherwise be charged the worker's time too.
+TIMED_S: dict[str, float] = {}  # CPU seconds in parts of the service (_record_time_in), summed
+CPU_S: dict[str, float] = {"control_step": 0.0, "telemetry_slices": 0.0}   # the loop's CPU in both
 
 
 def _record_telemetry() -> None:
@@ -55,6 +61,7 @@ def _record_telemetry() -> None:
     build = GatewayService._column_telemetry
     enqueue = GatewayService._enqueue
     started: list[float] = []
+    started_cpu: list[float] = []
 
     async def timed_round(self: GatewayService) -> None:
         t0 = time.perf_counter()
@@ -63,12 +70,14 @@ def _record_telemetry() -> None:
 
     def timed_build(self: GatewayService, views: Any, now: int) -> Any:
         started.append(time.perf_counter())
+        started_cpu.append(time.thread_time())
         return build(self, views, now)
 
     def timed_enqueue(self: GatewayService, messages: Any) -> None:
         enqueue(self, messages)
         if started and messages and messages[0].kind == "telemetry":
             SLICE_S.append(time.perf_counter() - started.pop())
+            CPU_S["telemetry_slices"] += time.thread_time() - started_cpu.pop()
 
     GatewayService.telemetry_round = timed_round  # type: ignore[method-assign]
     GatewayService._column_telemetry = timed_build  # type: ignore[method-assign]
@@ -76,18 +85,28 @@ def _record_telemetry() -> None:
 
 
 def _record_control_steps() -> None:
-    """STEP_S: how long each control step holds the event loop (all of it on a small site; the
-    parts around the allocation once it runs in a worker thread); STEP_THREAD_S: the CPU of an
-    allocation run in that thread."""
-    begin, run, finish = GatewayService._begin_step, _Step.run, GatewayService._finish_step
-    held = [0.0]
+    """STEP_S: the event loop's time in each control step (all of it on a small site; on a large
+    one the parts around the allocation, slice by slice: see gateway.service); STEP_THREAD_S:
+    the CPU of an allocation (and load check) run in the worker thread."""
+    per_step: dict[int, float] = {}
 
-    def timed_begin(self: GatewayService) -> _Step:
-        t0 = time.perf_counter()
-        try:
-            return begin(self)
-        finally:
-            held[0] = time.perf_counter() - t0
+    def loop_part(name: str) -> None:
+        method = getattr(GatewayService, name)
+
+        def timed(self: GatewayService, *args: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return method(self, *args)
+            finally:
+                per_step[self._step_generation] = per_step.get(self._step_generation, 0.0) + \
+                    time.perf_counter() - t0
+                CPU_S["control_step"] += time.thread_time() - c0
+
+        setattr(GatewayService, name, timed)
+
+    for name in ("_open_step", "_collect", "_step_inputs", "_close_step", "_send_limits"):
+        loop_part(name)
+    run = _Step.run
 
     def timed_run(self: _Step) -> Any:
         on_loop = threading.current_thread() is threading.main_thread()
@@ -96,20 +115,13 @@ def _record_control_steps() -> None:
             return run(self)
         finally:
             if on_loop:
-                held[0] += time.perf_counter() - t0
+                per_step[self.generation] = per_step.get(self.generation, 0.0) + time.perf_counter() - t0
+                CPU_S["control_step"] += time.thread_time() - c0
             else:
                 STEP_THREAD_S.append(time.thread_time() - c0)
 
-    def timed_finish(self: GatewayService, step: _Step, allocation: Any) -> None:
-        t0 = time.perf_counter()
-        try:
-            finish(self, step, allocation)
-        finally:
-            STEP_S.append(held[0] + time.perf_counter() - t0)
-
-    GatewayService._begin_step = timed_begin  # type: ignore[method-assign]
     _Step.run = timed_run  # type: ignore[method-assign]
-    GatewayService._finish_step = timed_finish  # type: ignore[method-assign]
+    STEP_BY_GENERATION.append(per_step)
 
 
 def _record_lateness() -> None:
@@ -133,13 +145,13 @@ def _record_time_in(part: str, *targets: tuple[Any, tuple[str, ...]]) -> None:
     def wrap(method: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
             depth[0] += 1
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             try:
                 return method(*args, **kwargs)
             finally:
                 depth[0] -= 1
                 if not depth[0]:
-                    TIMED_S[part] += time.perf_counter() - t0
+                    TIMED_S[part] += time.thread_time() - t0
         return timed
 
     for cls, names in targets:
@@ -210,11 +222,15 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     TELEMETRY_S.clear()
     SLICE_S.clear()
     STEP_S.clear()
+    for per_step in STEP_BY_GENERATION:
+        per_step.clear()
     STEP_THREAD_S.clear()
     for pauses in GC_S:
         pauses.clear()
     for part in TIMED_S:
         TIMED_S[part] = 0.0
+    for part in CPU_S:
+        CPU_S[part] = 0.0
     samples = []
     if profile is not None:
         profile.enable()
@@ -231,11 +247,13 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     if profile is not None:
         profile.disable()
     stats1 = _counters(service)
+    STEP_S.extend(v for per_step in STEP_BY_GENERATION for v in per_step.values())
     late = sorted(LATE_S)
     per_col = 1e6 / (wall * max(1, n))   # seconds in the window -> µs per column and second
     by_thread = {k: (v - threads0.get(k, 0.0)) for k, v in threads1.items()}
     step_thread_s = sum(STEP_THREAD_S)
-    parts = {"control_step": sum(STEP_S) + step_thread_s, "telemetry_slices": sum(SLICE_S), **TIMED_S,
+    parts = {"control_step": CPU_S["control_step"] + step_thread_s,
+             "telemetry_slices": CPU_S["telemetry_slices"], **TIMED_S,
              "garbage_collector": sum(sum(x) for x in GC_S),   # ticks vs process_time:
              "other_threads": max(0.0, cpu - by_thread.get("MainThread", cpu) - step_thread_s)}
     parts["polls_and_rest"] = max(0.0, cpu - sum(parts.values()))

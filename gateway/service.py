@@ -76,6 +76,7 @@ from gateway.core.limits import (
     EffectiveLimit,
     Limit,
     LimitBook,
+    LoadCheck,
     LoadCheckState,
     check_load,
 )
@@ -114,6 +115,7 @@ _VALIDITY_SLACK_S = 5.0       # a column's validity left may trail ours by this 
 _READBACK_SLACK_S = 2.0       # validity read back after a broadcast: whole seconds + the poll's age
 _MIN_STEP_GAP_S = 0.05        # event-driven steps at most this often
 OFFLOAD_MIN_COLUMNS = 500     # from this many columns the periodic step allocates in a worker thread
+STEP_SLICE = 500              # ... and reads the columns and sends their limits this many at a time
 ACK_WAIT_S = 2.0              # a command's ack waits this long for the columns' writes
 TELEMETRY_SLICE = 250         # columns per slice of a telemetry round (~8 ms of the loop each)
 SHUTDOWN_WAIT_S = 5.0         # final limit writes at shutdown
@@ -302,6 +304,23 @@ class ServiceStats:
     event_errors: int = 0
 
 
+@dataclass
+class _Picked:
+    """What a step reads of the columns (filled slice by slice on a large site)."""
+
+    sessions: list[Session] = field(default_factory=list)
+    reserved: dict[str, float] = field(default_factory=dict)     # columns not under control
+    offered: dict[str, float] = field(default_factory=dict)      # fresh readings: offer ...
+    measured: dict[str, tuple[float, ...]] = field(default_factory=dict)   # ... and currents
+
+
+@dataclass(frozen=True)
+class _Opened:
+    generation: int
+    now: int
+    effective: EffectiveLimit
+
+
 @dataclass(frozen=True)
 class _Step:
     """A control step's inputs, taken on the event loop; run() is pure (it may run in a thread)."""
@@ -310,15 +329,19 @@ class _Step:
     now: int
     site: Site
     effective: EffectiveLimit
-    sessions: list[Session]
-    reserved: dict[str, float]
+    picked: _Picked
     meter_a: tuple[float, float, float] | None
     base_load_a: tuple[float, float, float] | None
     state: AllocatorState
+    load_state: LoadCheckState
 
-    def run(self) -> Allocation:
-        return allocate(self.site, self.sessions, self.effective, self.now, self.state,
-                        reserved_a=self.reserved, base_load_a=self.base_load_a)
+    def run(self) -> tuple[Allocation, LoadCheck]:
+        p = self.picked
+        allocation = allocate(self.site, p.sessions, self.effective, self.now, self.state,
+                              reserved_a=p.reserved, base_load_a=self.base_load_a)
+        load = check_load(self.site, self.effective, p.offered, p.measured, self.now, state=self.load_state,
+                          site_meter_a=self.meter_a)
+        return allocation, load
 
 
 @dataclass
@@ -744,25 +767,49 @@ class GatewayService:
             log.exception("control step failed")
 
     def _control_step(self) -> None:
-        step = self._begin_step()
-        self._finish_step(step, step.run())
+        """One step at once, on the loop (small sites; and a command's step: its decreases go
+        out now)."""
+        opened = self._open_step()
+        views = list(self.views.items())
+        picked = self._collect(views, opened.now)
+        step = self._step_inputs(opened, picked)
+        result = step.run()
+        self._close_step(step, result)
+        self._send_limits(views, result[0], step.now)
 
     async def _safe_step_offloaded(self) -> None:
-        """The step with the allocation in a worker thread, so that the event loop keeps
-        serving polls meanwhile (it takes ~20 µs per column: 100 ms at 5,000 columns). The
-        thread shares the interpreter lock, so this spreads the CPU rather than adding any."""
+        """The step of a large site, the event loop free in between: the columns are read and
+        the limits sent in slices of STEP_SLICE columns, and the allocation and the load check
+        (pure) run in a worker thread (~20 µs per column: 100 ms at 5,000 columns). The thread
+        shares the interpreter lock, so this spreads the CPU rather than adding any. A step
+        that begins meanwhile (a command's, at once on the loop) supersedes this one."""
         try:
-            step = self._begin_step()
-            allocation = await asyncio.to_thread(step.run)
+            opened = self._open_step()
+            views = list(self.views.items())
+            picked = _Picked()
+            for start in range(0, len(views), STEP_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                    if opened.generation != self._step_generation:
+                        return
+                self._collect(views[start:start + STEP_SLICE], opened.now, picked)
+            step = self._step_inputs(opened, picked)
+            result = await asyncio.to_thread(step.run)
             if step.generation != self._step_generation:
-                return   # a step that began later (a command's) is already in force
-            self._finish_step(step, allocation)
+                return
+            self._close_step(step, result)
+            for start in range(0, len(views), STEP_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                    if step.generation != self._step_generation:
+                        return
+                self._send_limits(views[start:start + STEP_SLICE], result[0], step.now)
         except Exception:
             self.stats.step_errors += 1
             log.exception("control step failed")
 
-    def _begin_step(self) -> _Step:
-        """Everything of a step the event loop must do before the allocation."""
+    def _open_step(self) -> _Opened:
+        """The site-wide part of a step: the DNO link, the site settings, the effective limit."""
         now = self._now_ms()
         self.stats.steps += 1
         self._step_generation += 1
@@ -774,12 +821,43 @@ class GatewayService:
         self.book.prune(now)
         effective = self.book.effective(now)
         self._note_effective(effective, now)
-        sessions, reserved = self._sessions(now)
-        meter_a = self._meter_currents()
-        return _Step(self._step_generation, now, self.site, effective, sessions, reserved, meter_a,
-                     self._base_load(meter_a), self.alloc_state)
+        return _Opened(self._step_generation, now, effective)
 
-    def _finish_step(self, step: _Step, allocation: Allocation) -> None:
+    def _collect(self, views: Sequence[tuple[str, ColumnView]], now: int,
+                 into: _Picked | None = None) -> _Picked:
+        """What the step needs of these columns: the sessions under control, what the others
+        may draw, and the fresh readings the load check compares."""
+        picked = into if into is not None else _Picked()
+        sessions, reserved = picked.sessions, picked.reserved
+        offered, measured = picked.offered, picked.measured
+        stale_before = self._stale_before(now)
+        for cid, view in views:
+            if not view.controlled:
+                reserved[cid] = self._reserve_a(view, now)
+                continue
+            r = view.reading
+            if r is None:
+                continue
+            fresh = r.ts_ms >= stale_before[view.kind == "cbor"]
+            if fresh:
+                offered[cid] = r.offered_a
+                measured[cid] = r.current_a
+            if not view.session_present():
+                continue
+            started = view.session_started_ms if view.session_started_ms is not None else r.ts_ms
+            sessions.append(Session(cid, started, r.current_a if fresh else None, None,
+                                    float(r.session_energy_wh)))
+        return picked
+
+    def _step_inputs(self, opened: _Opened, picked: _Picked) -> _Step:
+        meter_a = self._meter_currents()
+        return _Step(opened.generation, opened.now, self.site, opened.effective, picked, meter_a,
+                     self._base_load(meter_a), self.alloc_state, self._load_state)
+
+    def _close_step(self, step: _Step, result: tuple[Allocation, LoadCheck]) -> None:
+        """The step's outcome becomes the service's: the allocator's memory, the load check's
+        state and its new violations (the limits are sent next, by _send_limits)."""
+        allocation, load = result
         state = allocation.state
         if self.alloc_state is not step.state:
             # A column came (back) online while the allocation ran in its thread: the memory it
@@ -789,24 +867,15 @@ class GatewayService:
             state = replace(state, columns={**state.columns, **seeded})
         self.alloc_state = state
         self.allocation = allocation
-        self._check_load(step.effective, step.now, step.meter_a)
-        self._send_limits(allocation, step.now)
-
-    def _sessions(self, now: int) -> tuple[list[Session], dict[str, float]]:
-        sessions: list[Session] = []
-        reserved: dict[str, float] = {}
-        stale_before = self._stale_before(now)
-        for cid, view in self.views.items():
-            if not view.controlled:
-                reserved[cid] = self._reserve_a(view, now)
-                continue
-            r = view.reading
-            if r is None or not view.session_present():
-                continue
-            measured = r.current_a if r.ts_ms >= stale_before[view.kind == "cbor"] else None
-            started = view.session_started_ms if view.session_started_ms is not None else r.ts_ms
-            sessions.append(Session(cid, started, measured, None, float(r.session_energy_wh)))
-        return sessions, reserved
+        self._load_state = load.state
+        for v in load.violations:
+            if v.new:
+                log.warning("limit violation: %s %s %s %.1f A > %.1f A", v.kind, v.target,
+                            PHASE_NAMES[v.phase], v.measured_a, v.allowed_a)
+                self._event("limit_violation", v.target if v.kind == "column_overdraw" else None,
+                            kind=v.kind, target=v.target, phase=PHASE_NAMES[v.phase],
+                            measured_a=round(v.measured_a, 2), allowed_a=round(v.allowed_a, 2),
+                            since_ms=v.since_ms)
 
     def _reserve_a(self, view: ColumnView, now: int) -> float:
         """What a column outside our control may draw: its failsafe, or more while a limit we
@@ -866,34 +935,14 @@ class GatewayService:
             self._event("limit_changed", limit_a=limit_a, limit_valid_until_ms=until,
                         limit_source=SITE_SOURCE_NAMES.get(eff.source, eff.source))
 
-    def _check_load(self, eff: EffectiveLimit, now: int, meter_a: tuple[float, float, float] | None) -> None:
-        offered: dict[str, float] = {}
-        measured: dict[str, tuple[float, ...]] = {}
-        stale_before = self._stale_before(now)
-        for cid, view in self.views.items():
-            r = view.reading
-            if view.controlled and r is not None and r.ts_ms >= stale_before[view.kind == "cbor"]:
-                offered[cid] = r.offered_a
-                measured[cid] = r.current_a
-        result = check_load(self.site, eff, offered, measured, now, state=self._load_state,
-                            site_meter_a=meter_a)
-        self._load_state = result.state
-        for v in result.violations:
-            if v.new:
-                log.warning("limit violation: %s %s %s %.1f A > %.1f A", v.kind, v.target,
-                            PHASE_NAMES[v.phase], v.measured_a, v.allowed_a)
-                self._event("limit_violation", v.target if v.kind == "column_overdraw" else None,
-                            kind=v.kind, target=v.target, phase=PHASE_NAMES[v.phase],
-                            measured_a=round(v.measured_a, 2), allowed_a=round(v.allowed_a, 2),
-                            since_ms=v.since_ms)
-
-    def _send_limits(self, allocation: Allocation, now: int) -> None:
+    def _send_limits(self, views: Sequence[tuple[str, ColumnView]], allocation: Allocation, now: int) -> None:
+        """The limit writes these columns need now (a change, a failsafe to confirm, a refresh)."""
         validity = self.svc.limit_validity_s
         refresh_ms = validity * 1000 // 3
         batches: dict[str, list[LimitCommand]] = {}
         offers = allocation.columns
         failsafes = self.plan.limits_a
-        for cid, view in self.views.items():
+        for cid, view in views:
             if not view.controlled:
                 continue
             offer = offers.get(cid)

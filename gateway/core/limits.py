@@ -179,7 +179,10 @@ class LimitBook:
             if any(value <= cap for cap in site.capacity_a):
                 source, binding = name, lim
         columns: dict[str, ColumnLimit] = {}
+        limited = {lim.column for _, lim in self._limits.values() if lim.column is not None}
         for col in site.columns:
+            if col.id not in limited:   # most columns, at every step: no limit of their own
+                continue
             per_source = [(limit_amps(lim, site), _source_rank(lim.source), lim.source)
                           for lim in self._winners(now_ms, col.id)]
             if per_source:

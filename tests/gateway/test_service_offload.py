@@ -142,3 +142,48 @@ async def _seeded_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(service_mod, "allocate", held.real)
     svc._safe_step()
     assert _offers(svc)["c2"] == 20.0
+
+
+def test_a_step_begun_between_slices_ends_the_sliced_one(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large site's step reads the columns and sends their limits a slice at a time, the loop
+    free in between; a command's step taken in such a gap ends it (nothing more of it runs)."""
+    asyncio.run(_between_slices(tmp_path, monkeypatch, "_collect"))
+    asyncio.run(_between_slices(tmp_path / "send", monkeypatch, "_send_limits"))
+
+
+async def _between_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: str) -> None:
+    svc, writer = _service(tmp_path)
+    for cid in COLUMNS:
+        _charging(svc, cid)
+    monkeypatch.setattr(service_mod, "STEP_SLICE", 1)
+    loop = asyncio.get_running_loop()
+    calls: list[tuple[str, int]] = []   # (phase, columns in the call)
+    real = getattr(GatewayService, phase)
+
+    def watched(self: GatewayService, views: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((phase, len(views)))
+        if len(calls) == 1:   # the first slice: a DNO command's step comes in the gap after it
+            def command() -> None:
+                svc.book.add(Limit(SOURCE_DNO, 12.0, NOW + 60_000, id="cut"), NOW)
+                svc._safe_step()
+            loop.call_soon(command)
+        return real(self, views, *args, **kwargs)
+
+    monkeypatch.setattr(GatewayService, phase, watched)
+    threaded = []
+    real_allocate = service_mod.allocate
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        threaded.append(threading.current_thread() is not threading.main_thread())
+        return real_allocate(*args, **kwargs)
+
+    monkeypatch.setattr(service_mod, "allocate", counted)
+    await svc._safe_step_offloaded()
+    assert svc.stats.step_errors == 0
+    # One slice of the sliced step, then the command's whole step; nothing more of the first.
+    assert calls == [(phase, 1), (phase, len(COLUMNS))], calls
+    assert threaded == ([False] if phase == "_collect" else [True, False])
+    sent = {c.column_id: c.limit_a for c in writer.pending.values()}
+    assert sum(sent.values()) <= 12.0, sent   # the command's limits are the last word for every column
+    assert sum(_offers(svc).values()) <= 12.0

@@ -887,9 +887,6 @@ class GatewayService:
             amps = max(amps, view.applied_a)
         return min(amps, view.column.max_a)
 
-    def _fresh(self, view: ColumnView, now: int) -> bool:
-        return view.reading is not None and view.reading.ts_ms >= self._stale_before(now)[view.kind == "cbor"]
-
     def _stale_before(self, now: int) -> tuple[float, float]:
         """A reading older than this is stale: (Modbus columns, CBOR columns). A CBOR column sends
         meter values every 10 s and its status on change; a Modbus column is polled."""
@@ -905,19 +902,24 @@ class GatewayService:
         a = reading.current_a
         return (a[0] or 0.0, a[1] or 0.0, a[2] or 0.0)
 
-    def _column_site_a(self, now: int) -> list[float]:
+    def _column_totals(self, now: int) -> tuple[float, list[float]]:
+        """What the online columns' fresh readings add up to: power, and current per site phase."""
+        power: float = 0
         load = [0.0, 0.0, 0.0]
+        stale_before = self._stale_before(now)
         for view in self.views.values():
-            if view.online and view.reading is not None and self._fresh(view, now):
-                for i, phase in enumerate(view.column.rotation):
-                    load[phase] += view.reading.current_a[i]
-        return load
+            r = view.reading
+            if view.online and r is not None and r.ts_ms >= stale_before[view.kind == "cbor"]:
+                power += r.power_w
+                for amps, phase in zip(r.current_a, view.column.rotation, strict=False):
+                    load[phase] += amps
+        return power, load
 
     def _base_load(self, meter_a: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
         """Non-EV load at the connection: the meter minus what the columns measure."""
         if meter_a is None:
             return None
-        cols = self._column_site_a(self._now_ms())
+        cols = self._column_totals(self._now_ms())[1]
         return (max(0.0, meter_a[0] - cols[0]), max(0.0, meter_a[1] - cols[1]),
                 max(0.0, meter_a[2] - cols[2]))
 
@@ -1212,7 +1214,7 @@ class GatewayService:
                 continue
             applied = view.applied_a if view.valid_until_ms > now else None
             try:
-                body = payloads.column_telemetry(
+                body, encoded = payloads.column_telemetry_encoded(
                     ts_ms=now, column_id=cid, current_a=r.current_a, voltage_v=r.voltage_v, power_w=r.power_w,
                     energy_wh=r.energy_wh, offered_a=r.offered_a, applied_limit_a=applied,
                     limit_source=r.limit_source, state=r.cp_state, status=r.status)
@@ -1223,7 +1225,7 @@ class GatewayService:
             topic = self._telemetry_topics.get(cid)
             if topic is None:
                 topic = self._telemetry_topics[cid] = topics.column_telemetry(self.site_id, cid)
-            out.append(Outgoing(topic, body, MessageKind.TELEMETRY))
+            out.append(Outgoing(topic, body, MessageKind.TELEMETRY, body=encoded))
         return out
 
     def _site_telemetry(self, now: int) -> dict[str, Any]:
@@ -1233,9 +1235,8 @@ class GatewayService:
             power = float(meter.total_power_w)
             current = [a or 0.0 for a in meter.current_a]
         else:
-            power = float(sum(v.reading.power_w for v in self.views.values()
-                              if v.online and v.reading is not None and self._fresh(v, now)))
-            current = self._column_site_a(now)
+            total_w, current = self._column_totals(now)
+            power = float(total_w)
         active = sum(1 for c in (self.allocation.columns.values() if self.allocation else ())
                      if c.reason not in ("idle", "reserved"))
         return payloads.site_telemetry(

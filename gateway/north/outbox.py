@@ -79,6 +79,7 @@ class Outgoing(NamedTuple):
     qos: int = 1
     retain: bool = False
     correlation: bytes | None = None  # MQTT 5 correlation data, for acks to a response topic
+    body: bytes | None = None         # encode(payload) when the producer has it already (telemetry)
 
 
 class OutboxRow(NamedTuple):
@@ -240,7 +241,7 @@ class Outbox:
                 raise ValueError("the outbox stamps seq; do not set it")
         if not messages:
             return []
-        bodies = [encode(msg.payload) for msg in messages]
+        bodies = [encode(msg.payload) if msg.body is None else msg.body for msg in messages]
         seqs = self._transaction(lambda: self._insert_all(messages, bodies))
         if self.on_enqueue is not None and seqs:
             self.on_enqueue()

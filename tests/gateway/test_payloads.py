@@ -219,6 +219,98 @@ def test_builders_refuse_bad_values(changes: dict[str, Any]) -> None:
         payloads.column_telemetry(**_telemetry(**changes))
 
 
+@pytest.mark.parametrize("changes", [
+    {"current_a": [16.0, math.nan, 0.0]}, {"current_a": [16.0, 16.0]}, {"offered_a": -1.0},
+    {"offered_a": True}, {"limit_source": "dno-magic"}, {"state": "G"}, {"status": "charging"},
+    {"energy_wh": -1}, {"column_id": "c/1"}, {"power_w": math.inf}, {"voltage_v": [230, 230, -1]},
+    # tuples of floats, as readings give them (the template's case), one phase wrong at a time
+    *({"current_a": tuple(bad if i == k else 16.0 for i in range(3))}
+      for k in range(3) for bad in (math.nan, math.inf, -math.inf, True, None)),
+    *({"voltage_v": tuple(bad if i == k else 230.0 for i in range(3))}
+      for k in range(3) for bad in (-0.5, math.nan, math.inf, True, None)),
+    {"current_a": (16.0, 16.0)}, {"current_a": (16.0, 16.0, 16.0, 16.0)}, {"applied_limit_a": -0.1},
+    {"applied_limit_a": math.nan}, {"power_w": "7000"}, {"ts_ms": -1}, {"ts_ms": 1.0e12},
+    {"energy_wh": math.nan},
+])
+def test_the_telemetry_round_refuses_what_the_builder_refuses(changes: dict[str, Any]) -> None:
+    fields = _telemetry(current_a=(15.9, 16.0, 0.0), voltage_v=(230.1, 229.8, 231.0))   # as readings give
+    fields.update(changes)
+    with pytest.raises(ValueError, match="column_telemetry"):
+        payloads.column_telemetry_encoded(**fields)
+
+
+_any_number = (st.floats(allow_nan=True, allow_infinity=True) | st.integers(-2**1100, 2**1100)
+               | st.booleans() | st.none() | st.text(max_size=3))
+_vocab = st.sampled_from(["gateway", "failsafe", "A", "C", "Charging", "SuspendedEV", "x", ""])
+_amps = st.floats(0, 1e9) | st.integers(0, 10**6)
+
+
+_telemetry_fields = st.fixed_dictionaries({
+    "ts_ms": st.integers(-5, 2**70) | st.floats(),
+    "column_id": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,70}", fullmatch=True),
+    "current_a": st.lists(_any_number, min_size=2, max_size=4).map(tuple) | st.lists(_any_number),
+    "voltage_v": st.lists(_any_number, min_size=3, max_size=3).map(tuple),
+    "power_w": _any_number, "energy_wh": _any_number, "offered_a": _any_number,
+    "applied_limit_a": _any_number, "limit_source": _vocab, "state": _vocab, "status": _vocab})
+
+
+# What readings give: tuples of floats, floats and ints within the contract (the template's case).
+_reading_fields = st.fixed_dictionaries({
+    "ts_ms": st.integers(0, 2**62),
+    "column_id": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", fullmatch=True),
+    "current_a": st.tuples(*[st.floats(-1e6, 1e6)] * 3), "voltage_v": st.tuples(*[st.floats(0, 1e6)] * 3),
+    "power_w": _amps | st.floats(-1e9, 0), "energy_wh": _amps, "offered_a": _amps,
+    "applied_limit_a": st.none() | _amps,
+    "limit_source": st.sampled_from(payloads.LIMIT_SOURCE_NAMES), "state": st.sampled_from(payloads.CP_NAMES),
+    "status": st.sampled_from(payloads.STATUS_NAMES)})
+
+
+_bad = st.sampled_from([math.nan, math.inf, -math.inf, -0.5, -1, True, None, "1", 2**1100, 1e308 * 10])
+
+
+@st.composite
+def _one_bad_field(draw: st.DrawFn) -> dict[str, Any]:
+    """A reading's fields with one value (or one phase of a list) swapped for a doubtful one."""
+    fields = draw(_reading_fields)
+    key = draw(st.sampled_from(sorted(fields)))
+    value = draw(_bad | _vocab)
+    if key in ("current_a", "voltage_v"):
+        phases = list(fields[key])
+        phases[draw(st.integers(0, 2))] = value
+        fields[key] = tuple(phases)
+    else:
+        fields[key] = value
+    return fields
+
+
+@settings(max_examples=600, deadline=None)
+@given(fields=_telemetry_fields | _reading_fields | _one_bad_field())
+def test_the_telemetry_round_builds_what_the_builder_builds(fields: dict[str, Any]) -> None:
+    """column_telemetry_encoded (a template for the usual case) gives exactly column_telemetry()
+    and encode() of it, or the same error."""
+    try:
+        expected = payloads.column_telemetry(**fields)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as err:
+            payloads.column_telemetry_encoded(**fields)
+        assert str(err.value) == str(exc)
+        return
+    payload, body = payloads.column_telemetry_encoded(**fields)
+    assert payload == expected
+    assert body == payloads.encode(expected)
+
+
+def test_the_telemetry_round_takes_the_template_for_decoded_readings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reading's values (floats, ints) take the template: the general encode() is not called."""
+    fields = _telemetry()
+    fields["current_a"] = (15.9, 16.0, 0.0)
+    fields["voltage_v"] = (230.1, 229.8, 231.0)
+    expected = payloads.encode(payloads.column_telemetry(**fields))
+    monkeypatch.setattr(payloads, "encode", None)
+    _payload, body = payloads.column_telemetry_encoded(**fields)
+    assert body == expected
+
+
 def test_validate_rejects_unknown_fields_in_fixed_messages() -> None:
     msg = {**payloads.column_telemetry(**_telemetry()), "seq": 3, "extra": 1}
     with pytest.raises(PayloadError) as err:

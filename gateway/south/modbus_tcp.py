@@ -256,15 +256,8 @@ class ModbusTcpColumns(ColumnAdapterBase):
                     else:
                         await self._heartbeat_failed(ch, failed[1])
                     continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not stop the column: count it, go on
-                self.stats.internal_errors += 1
-                log.exception("modbus tcp column %s: retry failed", ch.cfg.column_id)
-                continue
-            if not ch.requester.connected and not await self._connect(ch):
-                continue
-            try:
+                if not ch.requester.connected and not await self._connect(ch):
+                    continue
                 job = ch.schedule.take_urgent()
                 if job is not None:
                     await job.execute()

@@ -133,29 +133,24 @@ class _Link(asyncio.Protocol):
     def pending(self) -> bool:
         return self.future is not None or self.done is not None
 
-    def _settle(self, pdu: bytes) -> None:
+    def _settle(self, pdu: bytes | None, exc: ExchangeError | None = None) -> None:
+        """The pending request's outcome, to its future or its callback."""
         fut = self.future
         if fut is not None:
             self.future = None
             if not fut.done():
-                fut.set_result(pdu)
+                if exc is None:
+                    fut.set_result(pdu)
+                else:
+                    fut.set_exception(exc)
             return
         done = self.done
         if done is not None:   # cleared first: the callback may send the next request
             self.done = None
-            done(pdu, None)
+            done(pdu, exc)
 
     def _settle_error(self, exc: ExchangeError) -> None:
-        fut = self.future
-        if fut is not None:
-            self.future = None
-            if not fut.done():
-                fut.set_exception(exc)
-            return
-        done = self.done
-        if done is not None:
-            self.done = None
-            done(None, exc)
+        self._settle(None, exc)
 
 
 class TcpRequester:

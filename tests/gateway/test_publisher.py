@@ -256,22 +256,6 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 # -- TLS and passwords -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("gw-site-1", common_name="gw-site-1")
-    files = {"ca": d / "ca.pem", "server_cert": d / "server.pem", "server_key": d / "server.key",
-             "client_cert": d / "client.pem", "client_key": d / "client.key"}
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(files["server_cert"]))
-    server.private_key_pem.write_to_path(str(files["server_key"]))
-    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
-    client.private_key_pem.write_to_path(str(files["client_key"]))
-    return files
-
-
 async def _try(settings: MqttSettings, seconds: float) -> Publisher:
     with Outbox(settings.outbox.path) as ob:
         _telemetry(ob, 0)

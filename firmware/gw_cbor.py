@@ -1,12 +1,11 @@
 # The gateway link over the OCPP-like CBOR message set (firmware/messages.py), on a
-# serial line or as a TCP server the gateway connects to. Only loaded when the config's
+# serial line or as a TCP server the gateway connects to (firmware/cbor_tcp.py, which reads
+# and writes the link's transport state, _out and accepted). Only loaded when the config's
 # link mode is cbor-serial or cbor-tcp. The column announces itself (BootNotification),
 # keeps the gateway informed (StatusNotification on change, MeterValues periodically,
 # Start/StopTransaction from session events, Heartbeat) and serves the gateway's calls.
 # Payloads are built as dict(name=value): their keys are then interned names, shared with
 # firmware/messages.py, instead of string objects each module would keep its own copy of.
-import asyncio
-
 from .cbor_link import Link
 from .clock import elapsed_ms
 from .config_runtime import change
@@ -23,7 +22,7 @@ _STATUS_MIN_MS = const(1000)   # offered-current-only changes are reported at mo
 _MV_CHANGE_DA = const(10)      # a phase current moved this much (1 A): MeterValues now, not in 10 s
 _EV_START = const(1)           # firmware.session.EV_SESSION_START
 _EV_STOP = const(2)            # firmware.session.EV_SESSION_STOP
-_RX_CHUNK = const(64)          # bytes read from a serial line at a time
+_RX_CHUNK = const(64)          # bytes read from the serial line at a time
 
 if 0:  # never runs: interned names for these literals, not heap strings (see messages.py)
     unconfigured = bus_address = RebootRequired = 0
@@ -32,13 +31,10 @@ if 0:  # never runs: interned names for these literals, not heap strings (see me
 class CborLink:
     def __init__(self, app):
         self.app = app
-        self.link = Link(self._write, dict(
-            SetChargingLimit=self._set_limit,
-            GetConfiguration=self._get_configuration,
-            ChangeConfiguration=self._change_configuration,
-            Reset=self._reset,
-            TriggerMessage=self._trigger,
-        ))
+        serve = self._serve  # one method serves every call (a function object each costs RAM)
+        self.link = Link(self._write, dict(SetChargingLimit=serve, GetConfiguration=serve,
+                                           ChangeConfiguration=serve, Reset=serve,
+                                           TriggerMessage=serve))
         self._out = None            # the transport's write(bytes), None while disconnected
         self.accepted = False       # BootNotification accepted by the gateway
         self._boot_ms = None
@@ -88,7 +84,8 @@ class CborLink:
                 self._send("BootNotification", now_ms)
             return
         while self._held and link.pending_calls() < 2:  # leave room for our own calls
-            self._tell(self._held.pop(0), now_ms)
+            kind, session_id, energy_wh, reason = self._held.pop(0)
+            self.on_event(kind, session_id, energy_wh, reason, now_ms)  # told now: accepted
         while self._triggered:
             self._send(self._triggered.pop(0), now_ms)
         if elapsed_ms(now_ms, self._hb_sent_ms) >= self._heartbeat_ms:
@@ -117,18 +114,12 @@ class CborLink:
         are held (a bounded few: the register and session counters are on flash anyway)."""
         if kind != _EV_START and kind != _EV_STOP:
             return
-        event = (kind, session_id, energy_wh, reason)
         if self._out is None or not self.accepted:
             if len(self._held) >= _MAX_HELD_EVENTS:
                 self._held.pop(0)
                 self.events_dropped += 1
-            self._held.append(event)
-            return
-        self._tell(event, now_ms)
-
-    def _tell(self, event, now_ms):
-        kind, session_id, energy_wh, reason = event
-        if kind == _EV_START:
+            self._held.append((kind, session_id, energy_wh, reason))
+        elif kind == _EV_START:
             self.link.call("StartTransaction", dict(sessionId=session_id, meterStartWh=energy_wh),
                            now_ms)
         else:
@@ -205,29 +196,51 @@ class CborLink:
             self._heartbeat_ms = answer["heartbeatIntervalS"] * 1000
 
     # -- calls we serve ------------------------------------------------------------------
-    def _refuse(self, trusted):
-        """A column with a broken config takes no limit, config write or reset; config writes
-        and resets (trusted) come only from the gateway that accepted our boot on this
-        connection (see firmware.md)."""
-        if trusted and not self.accepted:
-            raise MessageError("SecurityError", "BootNotification not accepted on this link")
-        if self.app.config_errors:
-            raise MessageError("GenericError", "column configuration invalid: " +
-                               "; ".join(self.app.config_errors)[:120])
-
-    def _set_limit(self, payload, now_ms):
-        self._refuse(False)
-        ctl = self.app.ctl
-        ctl.heartbeat(now_ms)
-        applied = -1
-        if "failsafeA" not in payload or ctl.set_failsafe(int(payload["failsafeA"] * 10)) >= 0:
-            applied = ctl.assign_limit(int(payload["limitA"] * 10), payload["validityS"], now_ms)
-        if applied < 0:
-            return dict(status="Rejected", appliedA=0)
-        return dict(status="Accepted", appliedA=applied / 10)
-
-    def _get_configuration(self, payload, now_ms):
-        cfg = self.app.cfg
+    def _serve(self, payload, now_ms):
+        """The gateway's calls. The link has checked the payload against its action's request
+        fields, so a required field names the action: limitA SetChargingLimit, key
+        ChangeConfiguration, type Reset, requestedMessage TriggerMessage, none GetConfiguration."""
+        app = self.app
+        ctl = app.ctl
+        if "requestedMessage" in payload:
+            self._triggered.append(payload["requestedMessage"])
+            return dict(status="Accepted")
+        if "limitA" in payload or "type" in payload or "key" in payload:
+            # A column with a broken config takes no limit, config write or reset; config
+            # writes and resets come only from the gateway that accepted our boot on this
+            # connection (see firmware.md).
+            if "limitA" not in payload and not self.accepted:
+                raise MessageError("SecurityError", "BootNotification not accepted on this link")
+            if app.config_errors:
+                raise MessageError("GenericError", "column configuration invalid: " +
+                                   "; ".join(app.config_errors)[:120])
+        if "limitA" in payload:
+            ctl.heartbeat(now_ms)
+            applied = -1
+            if "failsafeA" not in payload or ctl.set_failsafe(int(payload["failsafeA"] * 10)) >= 0:
+                applied = ctl.assign_limit(int(payload["limitA"] * 10), payload["validityS"], now_ms)
+            if applied < 0:
+                return dict(status="Rejected", appliedA=0)
+            return dict(status="Accepted", appliedA=applied / 10)
+        if "type" in payload:  # Reset
+            app.request_reset()
+            return dict(status="Accepted")
+        if "key" in payload:
+            # Only the keys of config_runtime.RUN_TIME, checked against the config the column
+            # booted with (valid, or the call was refused): not the whole validator, which a
+            # running column no longer has room for.
+            key = payload["key"]
+            new = change(app.config_path, app.cfg, key, payload["value"])
+            if new is None:
+                return dict(status="NotSupported")  # ratings above all
+            if not new:
+                return dict(status="Rejected")  # invalid value or failed write: nothing changed
+            app.cfg = new
+            if key == "failsafe_a":
+                ctl.set_failsafe(int(payload["value"] * 10))
+                return dict(status="Accepted")
+            return dict(status="RebootRequired")
+        cfg = app.cfg  # GetConfiguration
         known = {}
         unknown = []
         for key in payload.get("keys") or list(cfg.keys()):
@@ -236,33 +249,6 @@ class CborLink:
             else:
                 unknown.append(key)
         return dict(configuration=known, unknownKeys=unknown)
-
-    def _change_configuration(self, payload, now_ms):
-        self._refuse(True)
-        # Only the keys of config_runtime.RUN_TIME, checked against the config the column
-        # booted with (valid, or the call was refused): not the whole validator, which a
-        # running column no longer has room for.
-        app = self.app
-        key = payload["key"]
-        new = change(app.config_path, app.cfg, key, payload["value"])
-        if new is None:
-            return dict(status="NotSupported")  # ratings above all
-        if not new:
-            return dict(status="Rejected")  # invalid value or failed write: nothing changed
-        app.cfg = new
-        if key == "failsafe_a":
-            app.ctl.set_failsafe(int(payload["value"] * 10))
-            return dict(status="Accepted")
-        return dict(status="RebootRequired")
-
-    def _reset(self, payload, now_ms):
-        self._refuse(True)
-        self.app.request_reset()
-        return dict(status="Accepted")
-
-    def _trigger(self, payload, now_ms):
-        self._triggered.append(payload["requestedMessage"])
-        return dict(status="Accepted")
 
     # -- transports ----------------------------------------------------------------------
     async def serve_serial(self, uart, de_pin, clock, asyncio, alive):
@@ -279,51 +265,3 @@ class CborLink:
                 self.on_bytes(view[0:n], clock.ticks_ms())
                 n = uart.readinto(rx) if n == _RX_CHUNK else 0  # a full read: more may wait
             await asyncio.sleep(0.002)
-
-    def serve_tcp(self, port, host, tcp):
-        """Serve the gateway on host:port, one connection at a time (another is closed at
-        once), through `tcp`, the firmware.tcp_link module (passed in: a serial board does
-        not carry it). Returns the server task; cancelling it closes the port."""
-        return tcp.start(host, port, 2, self._tcp_client, tcp)
-
-    async def _tcp_client(self, sock, tcp):
-        # One gateway at a time: tcp_link lets a second connection in to be judged here. A
-        # gateway that closed its connection and dialled again at once is no second one: the
-        # old connection's task sees the close in the same round of the loop, so it gets a
-        # moment to end first.
-        for _ in range(3):
-            if self._out is None:
-                break
-            await asyncio.sleep(0.01)
-        if self._out is not None:
-            sock.close()
-            return
-        clock = self.app.clock
-        rx = bytearray(_RX_CHUNK)   # handed over as a view, taken whole (see serve_serial)
-        view = memoryview(rx)
-
-        def write(data):
-            # Frames go out at once, from whichever task makes them. One the socket cannot
-            # take whole (the gateway has stopped reading) drops the link: a frame cut
-            # short would corrupt the stream. The connection closes at its next wake-up.
-            if (tcp.send(sock, data) or 0) < len(data):
-                self._out = None
-                raise OSError("link stalled")
-
-        self.connected(write, clock.ticks_ms())
-        try:
-            while self._out is write:   # not once dropped, nor once a newer gateway has the link
-                n = tcp.recv(sock, rx)
-                if n is None:
-                    await tcp.wait(sock, 0)
-                elif n:
-                    self.on_bytes(view[0:n], clock.ticks_ms())
-                else:
-                    break   # the gateway closed
-        except Exception:  # reset by the peer, ...: wait for the next gateway
-            pass
-        finally:
-            if self._out is write or self._out is None:
-                self._out = None
-                self.accepted = False
-            sock.close()

@@ -6,6 +6,6 @@
 LINKS = (
     ("modbus-rtu", ("regmap", "modbus_slave", "modbus", "gw_modbus")),
     ("modbus-tcp", ("regmap", "modbus_slave", "tcp_link", "modbus_tcp", "gw_modbus")),
-    ("cbor-serial", ("cbor", "frames", "messages", "cbor_link", "gw_cbor")),
-    ("cbor-tcp", ("cbor", "frames", "messages", "cbor_link", "tcp_link", "gw_cbor")),
+    ("cbor-serial", ("messages", "cbor_link", "gw_cbor")),
+    ("cbor-tcp", ("messages", "cbor_link", "tcp_link", "cbor_tcp", "gw_cbor")),
 )

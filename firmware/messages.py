@@ -51,7 +51,7 @@ FROM_GATEWAY = "gateway"
 #   enum      arg = tuple of allowed values (the value's type must match, so 1.0 is not 1)
 #   list      arg = (item kind, min items, max items, item arg)
 #   map       arg = None (str keys, any values);  any: arg = None (any CBOR value)
-_KINDS = ("int", "num", "str", "enum", "list", "map", "any")  # index = the kind's code in _SPECS
+_KINDS = tuple(["int", "num", "str", "enum", "list", "map", "any"])  # index = a kind code (_I.._A)
 _I = const(0)
 _N = const(1)
 _S = const(2)
@@ -67,98 +67,146 @@ STOP_REASONS = tuple(["Local", "Remote", "EVDisconnected", "PowerLoss", "Reboot"
 
 _RES = "/"  # in a spec: the result fields follow
 
-# The contract: per action, its name, then who sends the call, its request fields, _RES, its
-# result fields; three slots a field: name, kind code (+ _OPT), arg. In documentation order.
-# Flat tuples spare a board some 60 small objects (firmware/messages_tables.py nests them).
-_SPECS = (
-    "BootNotification", (
-        FROM_COLUMN,
-        "columnId", _S, 64,
-        "firmwareVersion", _S, 32,
-        "model", _S, 64,
-        "phases", _E, (1, 3),
-        "hardwareRatingA", _N, (0, 80),
-        "busAddress", _I, (0, 247),
-        "configError", _S + _OPT, 200,
-        _RES,
-        "status", _E, ("Accepted", "Rejected"),
-        "heartbeatIntervalS", _I, (1, 86400),
-        "currentTimeMs", _I, (0, None),
-    ),
-    "Heartbeat", (
-        FROM_COLUMN,
-        _RES,
-        "currentTimeMs", _I, (0, None),
-    ),
-    "StatusNotification", (
-        FROM_COLUMN,
-        "status", _E, STATUS_NAMES,
-        "errorCode", _E, ERROR_NAMES,
-        "cpState", _E, CP_NAMES,
-        "offeredA", _N, (0, 80),
-        "limitSource", _E, LIMIT_SOURCE_NAMES,
-        _RES,
-    ),
-    "MeterValues", (
-        FROM_COLUMN,
-        "energyWh", _I, (0, None),
-        "sessionEnergyWh", _I, (0, None),
-        "powerW", _N, (-1000000, 1000000),
-        "currentA", _L, ("num", 3, 3, None),
-        "voltageV", _L, ("num", 3, 3, None),
-        "offeredA", _N, (0, 80),
-        "seq", _I, (0, MAX_ID),
-        _RES,
-    ),
-    "StartTransaction", (
-        FROM_COLUMN,
-        "sessionId", _I, (0, MAX_ID),
-        "meterStartWh", _I, (0, None),
-        _RES,
-    ),
-    "StopTransaction", (
-        FROM_COLUMN,
-        "sessionId", _I, (0, MAX_ID),
-        "meterStopWh", _I, (0, None),
-        "reason", _E, STOP_REASONS,
-        _RES,
-    ),
-    "SetChargingLimit", (
-        FROM_GATEWAY,
-        "limitA", _N, (0, 80),
-        "validityS", _I, (0, 86400),
-        "failsafeA", _N + _OPT, (0, 80),
-        _RES,
-        "status", _E, ("Accepted", "Rejected"),
-        "appliedA", _N, (0, 80),
-    ),
-    "GetConfiguration", (
-        FROM_GATEWAY,
-        "keys", _L + _OPT, ("str", 0, 32, 64),
-        _RES,
-        "configuration", _M, None,
-        "unknownKeys", _L, ("str", 0, 32, 64),
-    ),
-    "ChangeConfiguration", (
-        FROM_GATEWAY,
-        "key", _S, 64,
-        "value", _A, None,
-        _RES,
-        "status", _E, ("Accepted", "Rejected", "RebootRequired", "NotSupported"),
-    ),
-    "Reset", (
-        FROM_GATEWAY,
-        "type", _E, ("Soft", "Hard"),
-        _RES,
-        "status", _E, ("Accepted", "Rejected"),
-    ),
-    "TriggerMessage", (
-        FROM_GATEWAY,
-        "requestedMessage", _E, ("BootNotification", "Heartbeat", "StatusNotification", "MeterValues"),
-        _RES,
-        "status", _E, ("Accepted", "Rejected", "NotImplemented"),
-    ),
-)
+# The field types of the contract: a field's code is its kind (+ _OPT when it may be left
+# out) + 16 * the index of its arguments in _ARGS, which holds, flat: for int and num lo, hi
+# (None: an open end); for str the maximum length; for enum the values; for list (item kind,
+# min items, max items, item arg); None for map and any. Two slots a field instead of a
+# tuple of arguments each: the contract is about half the RAM.
+_NUM_0_80 = const(_N + 16 * 0)
+_INT_GE0 = const(_I + 16 * 2)
+_INT_ID = const(_I + 16 * 4)
+_INT_BUS = const(_I + 16 * 6)
+_INT_HEARTBEAT = const(_I + 16 * 8)
+_INT_VALIDITY = const(_I + 16 * 10)
+_NUM_POWER = const(_N + 16 * 12)
+_STR_64 = const(_S + 16 * 14)
+_STR_32 = const(_S + 16 * 15)
+_STR_200 = const(_S + 16 * 16)
+_ENUM_PHASES = const(_E + 16 * 17)
+_ENUM_ACCEPTED = const(_E + 16 * 18)
+_ENUM_STATUS = const(_E + 16 * 19)
+_ENUM_ERROR = const(_E + 16 * 20)
+_ENUM_CP = const(_E + 16 * 21)
+_ENUM_SOURCE = const(_E + 16 * 22)
+_ENUM_STOP = const(_E + 16 * 23)
+_ENUM_CHANGE = const(_E + 16 * 24)
+_ENUM_RESET = const(_E + 16 * 25)
+_ENUM_MESSAGE = const(_E + 16 * 26)
+_ENUM_TRIGGERED = const(_E + 16 * 27)
+_LIST_3_NUM = const(_L + 16 * 28)
+_LIST_KEYS = const(_L + 16 * 29)
+_MAP = const(_M + 16 * 30)
+_ANY = const(_A + 16 * 30)
+# Every tuple is built from a list: a constant tuple would load each of its strings as a heap
+# string object (about 60 B each on a board), a list holds them as interned names.
+_ARGS = tuple([
+    0, 80,                      # 0
+    0, None,                    # 2
+    0, MAX_ID,                  # 4
+    0, 247,                     # 6
+    1, 86400,                   # 8
+    0, 86400,                   # 10
+    -1000000, 1000000,          # 12
+    64,                         # 14
+    32,                         # 15
+    200,                        # 16
+    tuple([1, 3]),              # 17
+    tuple(["Accepted", "Rejected"]),  # 18
+    STATUS_NAMES,               # 19
+    ERROR_NAMES,                # 20
+    CP_NAMES,                   # 21
+    LIMIT_SOURCE_NAMES,         # 22
+    STOP_REASONS,               # 23
+    tuple(["Accepted", "Rejected", "RebootRequired", "NotSupported"]),  # 24
+    tuple(["Soft", "Hard"]),    # 25
+    tuple(["BootNotification", "Heartbeat", "StatusNotification", "MeterValues"]),  # 26
+    tuple(["Accepted", "Rejected", "NotImplemented"]),  # 27
+    tuple(["num", 3, 3, None]),  # 28
+    tuple(["str", 0, 32, 64]),  # 29
+    None,                       # 30
+])
+
+# The contract, in one flat tuple (a tuple per action would cost a board its header each):
+# per action its name and who sends the call, its request fields, _RES, its result fields;
+# two slots a field, its name and its code (an int, where an action has its sender, a
+# string). In documentation order.
+_SPECS = tuple([
+    "BootNotification", FROM_COLUMN,
+    "columnId", _STR_64,
+    "firmwareVersion", _STR_32,
+    "model", _STR_64,
+    "phases", _ENUM_PHASES,
+    "hardwareRatingA", _NUM_0_80,
+    "busAddress", _INT_BUS,
+    "configError", _STR_200 + _OPT,
+    _RES,
+    "status", _ENUM_ACCEPTED,
+    "heartbeatIntervalS", _INT_HEARTBEAT,
+    "currentTimeMs", _INT_GE0,
+
+    "Heartbeat", FROM_COLUMN,
+    _RES,
+    "currentTimeMs", _INT_GE0,
+
+    "StatusNotification", FROM_COLUMN,
+    "status", _ENUM_STATUS,
+    "errorCode", _ENUM_ERROR,
+    "cpState", _ENUM_CP,
+    "offeredA", _NUM_0_80,
+    "limitSource", _ENUM_SOURCE,
+    _RES,
+
+    "MeterValues", FROM_COLUMN,
+    "energyWh", _INT_GE0,
+    "sessionEnergyWh", _INT_GE0,
+    "powerW", _NUM_POWER,
+    "currentA", _LIST_3_NUM,
+    "voltageV", _LIST_3_NUM,
+    "offeredA", _NUM_0_80,
+    "seq", _INT_ID,
+    _RES,
+
+    "StartTransaction", FROM_COLUMN,
+    "sessionId", _INT_ID,
+    "meterStartWh", _INT_GE0,
+    _RES,
+
+    "StopTransaction", FROM_COLUMN,
+    "sessionId", _INT_ID,
+    "meterStopWh", _INT_GE0,
+    "reason", _ENUM_STOP,
+    _RES,
+
+    "SetChargingLimit", FROM_GATEWAY,
+    "limitA", _NUM_0_80,
+    "validityS", _INT_VALIDITY,
+    "failsafeA", _NUM_0_80 + _OPT,
+    _RES,
+    "status", _ENUM_ACCEPTED,
+    "appliedA", _NUM_0_80,
+
+    "GetConfiguration", FROM_GATEWAY,
+    "keys", _LIST_KEYS + _OPT,
+    _RES,
+    "configuration", _MAP,
+    "unknownKeys", _LIST_KEYS,
+
+    "ChangeConfiguration", FROM_GATEWAY,
+    "key", _STR_64,
+    "value", _ANY,
+    _RES,
+    "status", _ENUM_CHANGE,
+
+    "Reset", FROM_GATEWAY,
+    "type", _ENUM_RESET,
+    _RES,
+    "status", _ENUM_ACCEPTED,
+
+    "TriggerMessage", FROM_GATEWAY,
+    "requestedMessage", _ENUM_MESSAGE,
+    _RES,
+    "status", _ENUM_TRIGGERED,
+])
 del CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES  # read once: no module slots for them
 
 
@@ -204,48 +252,56 @@ _T_RESULT_MAP = const(14)
 _T_CODE = const(15)
 
 
-def _text(i):
-    return _TEXTS.split("|")[i]
-
-
 def _fail(code, i, args=()):
     """The MessageError `code` with description i (a _T_ index) formatted with args."""
-    return MessageError(code, _text(i) % args)
+    return MessageError(code, _TEXTS.split("|")[i] % args)
+
+
+def _header(action):
+    """The index of action's name in _SPECS, or -1 for an action outside the contract."""
+    if type(action) is str and action in _SPECS:
+        a = _SPECS.index(action)
+        if a + 1 < len(_SPECS) and (_SPECS[a + 1] == FROM_COLUMN or _SPECS[a + 1] == FROM_GATEWAY):
+            return a
+    return -1
 
 
 def direction(action):
     """Who sends the action's call; None for an action outside the contract."""
-    if type(action) is str and action in _SPECS:
-        return _SPECS[_SPECS.index(action) + 1][0]
-    return None
+    a = _header(action)
+    return _SPECS[a + 1] if a >= 0 else None
 
 
 def validate_payload(action, payload, is_result=False):
     """Raise MessageError unless payload is a valid request (or result) of action."""
-    if type(action) is not str or action not in _SPECS:
+    a = _header(action)
+    if a < 0:
         raise _fail(NOT_IMPLEMENTED, _T_ACTION, (action,))
-    spec = _SPECS[_SPECS.index(action) + 1]
     if not isinstance(payload, dict):
         raise _fail(FORMATION_VIOLATION, _T_NOT_MAP, (action,))
-    r = spec.index(_RES)
-    lo, hi = (r + 1, len(spec)) if is_result else (1, r)
+    spec = _SPECS
+    lo = hi = spec.index(_RES, a) + 1 if is_result else a + 2
+    while hi + 1 < len(spec) and type(spec[hi + 1]) is int:  # a field: (name, code)
+        hi += 2
     for key in payload:
-        for j in range(lo, hi, 3):
+        for j in range(lo, hi, 2):
             if spec[j] == key:
                 break
         else:
             raise _fail(FORMATION_VIOLATION, _T_NO_FIELD, (action, key))
-    for j in range(lo, hi, 3):
+    for j in range(lo, hi, 2):
         name = spec[j]
         code = spec[j + 1]
         if name in payload:
-            _check(code & 7, spec[j + 2], payload[name], name)
+            a = code >> 4
+            _check(code & 7, _ARGS[a], _ARGS[a + 1] if code & 7 <= _N else None, payload[name], name)
         elif not code & _OPT:
             raise _fail(OCCURRENCE_CONSTRAINT_VIOLATION, _T_NEEDS, (action, name))
 
 
-def _check(kind, arg, v, name):
-    """kind: a code (_I.._A) or, for list items, a kind name."""
+def _check(kind, arg, hi, v, name):
+    """kind: a code (_I.._A) or, for list items, a kind name; arg: the field's _ARGS entry
+    (int, num: lo, and hi the next one)."""
     if type(kind) is str:
         kind = _KINDS.index(kind)
     code = PROPERTY_CONSTRAINT_VIOLATION
@@ -256,8 +312,9 @@ def _check(kind, arg, v, name):
             code = TYPE_CONSTRAINT_VIOLATION
         elif v - v != 0:  # NaN and infinities (inf - inf is NaN, NaN != 0)
             what = "finite"
-        elif arg is None or ((arg[0] is None or v >= arg[0]) and (arg[1] is None or v <= arg[1])):
+        elif (arg is None or v >= arg) and (hi is None or v <= hi):
             return
+        arg = None if arg is None and hi is None else (arg, hi)
     elif kind == _S:
         if t is not str:
             code = TYPE_CONSTRAINT_VIOLATION
@@ -277,7 +334,7 @@ def _check(kind, arg, v, name):
             code = OCCURRENCE_CONSTRAINT_VIOLATION
         else:
             for item in v:
-                _check(arg[0], arg[3], item, name)
+                _check(arg[0], arg[3], None, item, name)
             return
     elif kind == _M:
         if not isinstance(v, dict):
@@ -295,19 +352,19 @@ def _check(kind, arg, v, name):
 
 def describe(kind, arg):
     """Human text of a field's type and range, e.g. 'num 0..80' (used by the docs too)."""
-    if kind in ("int", "num"):
+    if kind == "int" or kind == "num":
         if arg is None or (arg[0] is None and arg[1] is None):
             return kind
         if arg[1] is None:
             return "%s >= %s" % (kind, arg[0])
         return "%s %s..%s" % (kind, arg[0], arg[1])
     if kind == "str":
-        return _text(_T_STR) % arg
+        return _TEXTS.split("|")[_T_STR] % arg
     if kind == "enum":
         return "one of " + ", ".join(map(str, arg))
     if kind == "list":
         count = str(arg[1]) if arg[1] == arg[2] else "%d..%d" % (arg[1], arg[2])
-        return _text(_T_LIST) % (count, arg[0])
+        return _TEXTS.split("|")[_T_LIST] % (count, arg[0])
     return kind
 
 

@@ -9,18 +9,32 @@ INT, NUM, STR, ENUM, LIST, MAP, ANY = _m._KINDS
 
 
 def _fields(spec, lo, hi):
-    # A kind code is the kind's index in _KINDS, plus 8 (messages._OPT) for an optional field.
-    return tuple([(spec[j], _m._KINDS[spec[j + 1] & 7], spec[j + 1] < 8, spec[j + 2])
-                  for j in range(lo, hi, 3)])
+    # Two slots a field (messages._SPECS): its name and its code, the kind's index in _KINDS
+    # (+ 8, messages._OPT, for an optional field) + 16 * the index of its arguments in
+    # messages._ARGS (int and num: lo, hi; other kinds one slot).
+    out = []
+    for j in range(lo, hi, 2):
+        code = spec[j + 1]
+        kind = code & 7
+        a = code >> 4
+        arg = (_m._ARGS[a], _m._ARGS[a + 1]) if kind < 2 else _m._ARGS[a]
+        out.append((spec[j], _m._KINDS[kind], code & 8 == 0, arg))
+    return tuple(out)
 
 
 def _actions():
+    # messages._SPECS is flat: per action its name and sender (a string where a field has its
+    # code), its request fields, _RES, its result fields.
     out = []
     specs = _m._SPECS
-    for i in range(0, len(specs), 2):
-        spec = specs[i + 1]
-        r = spec.index(_m._RES)
-        out.append((specs[i], spec[0], _fields(spec, 1, r), _fields(spec, r + 1, len(spec))))
+    i = 0
+    while i < len(specs):
+        r = specs.index(_m._RES, i)
+        end = r + 1
+        while end + 1 < len(specs) and type(specs[end + 1]) is int:
+            end += 2
+        out.append((specs[i], specs[i + 1], _fields(specs, i + 2, r), _fields(specs, r + 1, end)))
+        i = end
     return tuple(out)
 
 

@@ -138,7 +138,7 @@ def serve_tcp(app, mode):
     mods = sys.modules
     if mode in _MODBUS:
         return mods["firmware.modbus_tcp"].serve_tcp(app.link, port, host)
-    return app.link.serve_tcp(port, host, mods["firmware.tcp_link"])
+    return mods["firmware.cbor_tcp"].serve_tcp(app.link, port, host)
 
 
 async def start(app):

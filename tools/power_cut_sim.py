@@ -390,7 +390,7 @@ class Campaign:
                 ("failsafe_a", "heartbeat_timeout_s", "min_pause_s", "meter_stale_s").index(key)]
             new = dict(old)
             new[key] = value
-            return new, lambda: link._change_configuration({"key": key, "value": value}, 0)
+            return new, lambda: link.link.handlers["ChangeConfiguration"]({"key": key, "value": value}, 0)
         if kind == "modbus":
             from firmware.gw_modbus import ModbusLink
 

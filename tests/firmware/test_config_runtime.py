@@ -109,7 +109,8 @@ def test_the_running_column_changes_a_key_without_loading_the_validator():
     assert "firmware.config" not in sys.modules   # unloaded after boot
     for key, value, status in (("failsafe_a", 16, "Accepted"), ("meter_stale_s", 9, "RebootRequired"),
                                ("failsafe_a", 26, "Rejected"), ("hardware_rating_a", 80, "NotSupported")):
-        assert link._change_configuration({"key": key, "value": value}, 0) == {"status": status}, key
+        serve = link.link.handlers["ChangeConfiguration"]
+        assert serve({"key": key, "value": value}, 0) == {"status": status}, key
     assert "firmware.config" not in sys.modules
     assert app.ctl.limits.failsafe_da == 160 and app.cfg["failsafe_a"] == 16 and app.cfg["meter_stale_s"] == 9
     saved = json.loads(_read())

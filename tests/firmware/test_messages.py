@@ -49,6 +49,15 @@ def test_the_contract_names_every_action_once_with_its_direction():
     assert sorted(VALID) == sorted(names)
 
 
+def test_names_inside_the_contract_table_are_no_actions():
+    # The contract is one flat table of action names, senders, field names and markers: only
+    # an action's own name finds it.
+    for name in ("/", "column", "gateway", "status", "columnId", "currentTimeMs", 2):
+        assert messages.direction(name) is None, name
+        exc = raises(MessageError, messages.validate_payload, name, {})
+        assert exc.code == messages.NOT_IMPLEMENTED, name
+
+
 def test_error_codes_are_the_ocpp_set():
     assert messages.ERROR_CODES == (
         "NotImplemented", "NotSupported", "InternalError", "ProtocolError", "SecurityError",

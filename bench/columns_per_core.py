@@ -6,7 +6,8 @@ The columns are cheap: one process outside the gateway's (bench/modbus_farm.py) 
 column from a static input image (a poll's reply is cached per connection), one connection per
 column as the gateway makes them. Each step starts the whole service
 (gateway.service.GatewayService) for N columns in its own process (bench/gw_scale.py), waits
-until every column is online and the allocation has settled, then measures for a window: CPU of
+until every column is online, the allocation has settled and the outbox holds no more than one
+round of telemetry (the start's online events and statuses sent), then measures for a window: CPU of
 the process (all threads, and each thread's share), poll lateness against the schedule, how
 long the control step and each telemetry slice hold the event loop, polls, telemetry
 acknowledged by the broker, outbox backlog, poll cycles skipped, events dropped, RSS. A step
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.gw_scale import DRAIN_WAIT_S
 from bench.raw_clients import paho_publish, pymodbus_polls, telemetry, wire_messages
 from bench.stats import median, percentile, spread
 from bench.suite import Context
@@ -134,7 +136,7 @@ def step(n: int, farm: Farm, broker_port: int, work: Path, *, window_s: float, s
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 60 + online_timeout_s + window_s + settle_s
+            deadline = time.monotonic() + 60 + online_timeout_s + window_s + settle_s + DRAIN_WAIT_S
             while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             after = farm.counters()

@@ -271,13 +271,18 @@ class TcpRequester:
         link.transport.write(_REQUEST.pack(tid, 0, 6, unit, fc, word1, word2))
         return tid
 
-    def _read_settled(self, pdu: bytes | None, exc: ExchangeError | None) -> None:
+    def _take_done(self, exc: ExchangeError | None) -> tuple[Done, Any, ExchangeError | None]:
+        """The sent request's callback and argument, cleared (the callback may send the next
+        request), and its failure counted."""
         done, arg = self._done, self._arg
         self._done = self._arg = None
         assert done is not None
+        return done, arg, None if exc is None else self._fail(exc.reason, exc.detail)
+
+    def _read_settled(self, pdu: bytes | None, exc: ExchangeError | None) -> None:
+        done, arg, failure = self._take_done(exc)
         if pdu is None:
-            assert exc is not None
-            done(arg, None, self._fail(exc.reason, exc.detail))
+            done(arg, None, failure)
             return
         count = self._expect
         if len(pdu) != 2 + 2 * count or pdu[1] != 2 * count:
@@ -287,12 +292,9 @@ class TcpRequester:
         done(arg, _registers(count).unpack_from(pdu, 2), None)
 
     def _write_settled(self, pdu: bytes | None, exc: ExchangeError | None) -> None:
-        done, arg = self._done, self._arg
-        self._done = self._arg = None
-        assert done is not None
+        done, arg, failure = self._take_done(exc)
         if pdu is None:
-            assert exc is not None
-            done(arg, None, self._fail(exc.reason, exc.detail))
+            done(arg, None, failure)
         elif len(pdu) != 5 or _ECHO.unpack_from(pdu, 1) != (self._address, self._expect):
             done(arg, None, self._fail(REASON_WRONG_LENGTH, "echo %s" % pdu[1:].hex()))
         else:

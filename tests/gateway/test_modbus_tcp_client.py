@@ -140,16 +140,22 @@ def test_silence_is_a_timeout_and_half_a_frame_is_garbled() -> None:
     run(lambda _req: next(answers), body)
 
 
-def test_a_late_reply_is_ignored_and_the_next_request_gets_its_own() -> None:
-    image = list(range(regmap.POLL_COUNT))
+def _first_answered_late(image: list[int]) -> Callable[[bytes], bytes]:
+    """A column that answers its first request only together with its second."""
     held: list[bytes] = []
 
     def script(req: bytes) -> bytes:
-        if not held:   # the first request: answered only together with the second
+        if not held:
             held.append(req)
             return b""
         late = reply(held[0], b"\x04\x40" + registers([0xDEAD] * 32))
         return late + reply(req, b"\x04\x40" + registers(image))
+    return script
+
+
+def test_a_late_reply_is_ignored_and_the_next_request_gets_its_own() -> None:
+    image = list(range(regmap.POLL_COUNT))
+    script = _first_answered_late(image)
 
     async def body(r: TcpRequester, _seen: list[bytes]) -> None:
         assert (await failure(r.read_input(1, 0, regmap.POLL_COUNT, 0.1)))[0] == "timeout"
@@ -278,14 +284,7 @@ def test_a_sent_request_expires_as_a_timeout_at_its_own_deadline_only() -> None:
 
 def test_a_reply_after_its_sent_request_expired_is_ignored() -> None:
     image = list(range(regmap.POLL_COUNT))
-    held: list[bytes] = []
-
-    def script(req: bytes) -> bytes:
-        if not held:   # the first request: answered only together with the second
-            held.append(req)
-            return b""
-        late = reply(held[0], b"\x04\x40" + registers([0xDEAD] * 32))
-        return late + reply(req, b"\x04\x40" + registers(image))
+    script = _first_answered_late(image)
 
     async def body(r: TcpRequester, _seen: list[bytes]) -> None:
         done = Outcomes()

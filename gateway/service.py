@@ -787,26 +787,32 @@ class GatewayService:
             opened = self._open_step()
             views = list(self.views.items())
             picked = _Picked()
-            for start in range(0, len(views), STEP_SLICE):
-                if start:
-                    await asyncio.sleep(0)
-                    if opened.generation != self._step_generation:
-                        return
-                self._collect(views[start:start + STEP_SLICE], opened.now, picked)
+            if not await self._in_slices(views, opened.generation,
+                                         lambda part: self._collect(part, opened.now, picked)):
+                return
             step = self._step_inputs(opened, picked)
             result = await asyncio.to_thread(step.run)
             if step.generation != self._step_generation:
                 return
             self._close_step(step, result)
-            for start in range(0, len(views), STEP_SLICE):
-                if start:
-                    await asyncio.sleep(0)
-                    if step.generation != self._step_generation:
-                        return
-                self._send_limits(views[start:start + STEP_SLICE], result[0], step.now)
+            allocation = result[0]
+            await self._in_slices(views, step.generation,
+                                  lambda part: self._send_limits(part, allocation, step.now))
         except Exception:
             self.stats.step_errors += 1
             log.exception("control step failed")
+
+    async def _in_slices(self, views: Sequence[tuple[str, ColumnView]], generation: int,
+                         work: Callable[[Sequence[tuple[str, ColumnView]]], object]) -> bool:
+        """work() on STEP_SLICE columns at a time, the loop free in between; False (and the
+        rest left undone) once a later step has begun."""
+        for start in range(0, len(views), STEP_SLICE):
+            if start:
+                await asyncio.sleep(0)
+                if generation != self._step_generation:
+                    return False
+            work(views[start:start + STEP_SLICE])
+        return True
 
     def _open_step(self) -> _Opened:
         """The site-wide part of a step: the DNO link, the site settings, the effective limit."""

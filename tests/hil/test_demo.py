@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from hil.rig.cars import car_schedule
 from hil.rig.firmware_proc import REPO, firmware_env
 from hil.rig.site import ColumnSpec, gateway_column
 from hil.rig.site_files import new_key, toml_text, write_secrets
+from tests.proc_tree import ProcessWatch
 
 COLUMNS = [("c01", "modbus-rtu", "mpy"), ("c02", "modbus-rtu", "mpy"), ("c03", "modbus-tcp", "py"),
            ("c04", "modbus-tcp", "py"), ("c05", "cbor-tcp", "py"), ("c06", "cbor-serial", "py")]
@@ -50,75 +50,26 @@ def _start(out: Path, *args: str) -> subprocess.Popen[bytes]:
         log.close()
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("PPid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _cmdline(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return None
-
-
-def _descendants(root: int) -> dict[int, str]:
-    """Every process below `root` now, with its command line (a /proc scan)."""
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            ppid = _ppid(int(name))
-            if ppid is not None:
-                parents[int(name)] = ppid
-    found: dict[int, str] = {}
-    frontier = [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                found[pid] = _cmdline(pid) or "?"
-                frontier.append(pid)
-    return found
-
-
-def _alive(pid: int, cmdline: str) -> bool:
-    """Still running: the same process (not a new one that got the PID), and not a zombie."""
-    if _cmdline(pid) != cmdline:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _watch(proc: subprocess.Popen[bytes], timeout_s: float,
-           until: Callable[[], bool] | None = None) -> dict[int, str]:
+def _watch(proc: subprocess.Popen[bytes], timeout_s: float, until: Callable[[], bool] | None = None,
+           watch: ProcessWatch | None = None) -> ProcessWatch:
     """Collect the demo's descendants every 0.5 s until it exits (or `until()` holds)."""
-    seen: dict[int, str] = {}
+    watch = watch or ProcessWatch()
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and time.monotonic() < deadline:
-        seen.update(_descendants(proc.pid))
+        watch.scan(proc.pid)
         if until is not None and until():
-            return seen
+            return watch
         time.sleep(0.5)
     if proc.poll() is None:
         proc.kill()
         proc.wait(5)
         pytest.fail(f"the demo did not end within {timeout_s} s")
-    return seen
+    return watch
 
 
-def _assert_all_gone(seen: dict[int, str]) -> None:
+def _assert_all_gone(watch: ProcessWatch) -> None:
     time.sleep(0.2)
-    left = {pid: cmd for pid, cmd in seen.items() if _alive(pid, cmd)}
+    left = watch.still_running()
     assert not left, f"processes the demo started are still running: {left}"
 
 
@@ -131,7 +82,7 @@ def test_a_run_keeps_every_limit_shows_the_site_and_writes_the_report(tmp_path: 
     out = out_path.read_text(errors="replace")
     assert proc.returncode == 0, out[-6000:]
     # What it started: a private broker, the gateway, six firmware processes (two MicroPython).
-    commands = list(seen.values())
+    commands = seen.commands()
     assert sum("mosquitto" in c for c in commands) == 1
     assert sum("-m gateway run" in c for c in commands) == 1
     assert sum("vcolumn_main.py" in c for c in commands) == 6
@@ -208,8 +159,8 @@ def test_an_existing_broker_is_used_and_left_running(mqtt_broker: Broker, tmp_pa
     site_id = re.search(r"site '(demo-[0-9a-f]{6})'", out)
     assert site_id, out[:500]
     assert f"evedge/v1/{site_id.group(1)}/telemetry" in got        # the gateway published there
-    assert "broker: mosquitto" not in out and not any("mosquitto" in c for c in seen.values())
-    assert sum("vcolumn_main.py" in c for c in seen.values()) == 2
+    assert "broker: mosquitto" not in out and not any("mosquitto" in c for c in seen.commands())
+    assert sum("vcolumn_main.py" in c for c in seen.commands()) == 2
     _assert_all_gone(seen)
     assert mqtt_broker.proc is not None and mqtt_broker.proc.poll() is None   # not ours to stop
     assert "site kept every limit: yes" in out
@@ -227,11 +178,11 @@ def test_sigint_stops_the_run_cleanly_and_leaves_nothing_running(tmp_path: Path)
 
     seen = _watch(proc, 60, until=running)
     assert proc.poll() is None, out_path.read_text()
-    seen.update(_descendants(proc.pid))
-    commands = list(seen.values())
+    seen.scan(proc.pid)
+    commands = seen.commands()
     assert sum("vcolumn_main.py" in c for c in commands) == 3 and any("mosquitto" in c for c in commands)
     proc.send_signal(signal.SIGINT)
-    seen.update(_watch(proc, 40))
+    _watch(proc, 40, watch=seen)
     out = out_path.read_text(errors="replace")
     assert proc.returncode == 0, out[-4000:]
     _assert_all_gone(seen)
@@ -256,7 +207,7 @@ def test_user_mistakes_and_an_unreachable_broker_exit_2_starting_nothing(tmp_pat
     seen = _watch(proc, 30)
     out = out_path.read_text()
     assert proc.returncode == 2 and f"error: cannot reach the broker at 127.0.0.1:{port}" in out, out
-    assert not seen and not (tmp_path / "r").exists()
+    assert not seen.seen and not (tmp_path / "r").exists()
 
 
 # -- the parts ----------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ slack for a loaded machine is the run loop's own longest gap, measured and repor
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from hil.rig.firmware_proc import REPO, firmware_env
 from hil.soak.plan import KINDS
+from tests.proc_tree import ProcessWatch
 
 CHECKS = {
     "telemetry.seq",
@@ -40,44 +40,6 @@ CHECKS = {
     *("fault." + k for k in KINDS),
 }
 RUN_TIMEOUT_S = 400
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _descendants(root: int) -> dict[tuple[int, str], str]:
-    """Every process below `root` now: (pid, start time) -> command line. PIDs wrap around
-    (pid_max can be 32768), so a process is known by its start time too."""
-    stats = {int(n): st for n in os.listdir("/proc") if n.isdigit() and (st := _stat(int(n))) is not None}
-    found: dict[tuple[int, str], str] = {}
-    frontier = [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, st in stats.items():
-            key = (pid, st[19])  # field 22 of stat: start time
-            if st[1] == str(parent) and key not in found:
-                found[key] = _cmdline(pid)
-                frontier.append(pid)
-    return found
-
-
-def _running(key: tuple[int, str]) -> bool:
-    st = _stat(key[0])
-    return st is not None and st[19] == key[1] and st[0] != "Z"
 
 
 @pytest.mark.slow
@@ -107,13 +69,11 @@ def test_a_short_soak_goes_through_every_fault_and_passes_every_check(tmp_path: 
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    seen: dict[tuple[int, str], str] = {}
+    seen = ProcessWatch()
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            for key, cmd in _descendants(proc.pid).items():
-                if cmd or key not in seen:  # an exiting process reads as "": keep what it was
-                    seen[key] = cmd
+            seen.scan(proc.pid)
             time.sleep(0.5)
     finally:
         if proc.poll() is None:
@@ -134,13 +94,13 @@ def test_a_short_soak_goes_through_every_fault_and_passes_every_check(tmp_path: 
 
     # What it started, and that all of it is gone: mosquitto (again after each restart), the
     # gateway (again after the kill), eight firmware processes (one MicroPython) and the restart.
-    commands = list(seen.values())
+    commands = seen.commands()
     assert sum("mosquitto" in c for c in commands) >= 3, commands
     assert sum("-m gateway run" in c for c in commands) >= 2
     assert sum("vcolumn_main.py" in c for c in commands) >= 9
     assert sum("micropython" in c and "vcolumn_main.py" in c for c in commands) >= 1
     time.sleep(0.2)
-    left = {key: cmd for key, cmd in seen.items() if _running(key)}
+    left = seen.still_running()
     assert not left, f"processes the soak started are still running: {left}"
 
     summary = json.loads((report / "summary.json").read_text())

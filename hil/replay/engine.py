@@ -746,7 +746,9 @@ class Replay:
         seqs_fn = getattr(self.target, "telemetry_sequences", None)
         seqs = seqs_fn() if callable(seqs_fn) else None
         if seqs is not None:
-            results.append(check_telemetry(seqs))
+            conflicts_fn = getattr(self.target, "telemetry_conflicts", None)
+            conflicts = conflicts_fn() if callable(conflicts_fn) else None
+            results.append(check_telemetry(seqs, conflicting=conflicts))
         reported = {cid: col.oracle.errors for cid, col in self.cols.items()}
         results = self.expect.apply(results, reported)
         self.plots.close(t_end)

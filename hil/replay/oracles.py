@@ -25,8 +25,9 @@ and give their verdicts at the end. Ids, one per check:
 - `energy/<column>`: the firmware's energy register moved by the modelled energy (the
   integral of the car's power), within `energy_tolerance_pct` % plus the register's
   1 Wh resolution plus one write quantum per power cut (what the store may lose).
-- `telemetry`: no lost and no duplicated sequence numbers at an MQTT consumer (fed by a
-  target that has one: `telemetry_sequences()`).
+- `telemetry`: no lost sequence number at an MQTT consumer after it drops duplicates by
+  seq as docs/mqtt-api.md says, and no seq with two different payloads (fed by a target
+  that has one: `telemetry_sequences()`, `telemetry_conflicts()`). Redeliveries are counted.
 - `reported/<column>`: an error the trace expects the firmware to report (meta.expect).
 
 Response times: a limit is "in force" for a check once the response time has passed
@@ -642,35 +643,41 @@ class SiteOracle:
 # ---- telemetry -------------------------------------------------------------------------------
 
 
-def check_telemetry(sequences: Mapping[str, Sequence[int]], *, first: int | None = None) -> OracleResult:
-    """No lost and no duplicated sequence numbers, per publisher. `first`: the number the
-    first message must carry (None: whatever arrived first is the start)."""
+def check_telemetry(sequences: Mapping[str, Sequence[int]], *, first: int | None = None,
+                    conflicting: Mapping[str, int] | None = None) -> OracleResult:
+    """What a consumer that follows docs/mqtt-api.md sees: after dropping duplicates by
+    (publisher, seq), no sequence number is missing. Delivery is at least once, so a
+    redelivered message (its acknowledgement died with a connection) is counted, not a
+    failure; one seq carrying two different payloads (`conflicting`, per publisher, from the
+    consumer) is. `first`: the number the first message must carry (None: whatever
+    arrived first is the start)."""
     lost = dups = received = 0
+    conflicts = conflicting or {}
     worst: dict[str, dict[str, int]] = {}
     for pub, seqs in sequences.items():
-        seen: set[int] = set()
-        d = 0
-        for s in seqs:
-            if s in seen:
-                d += 1
-            seen.add(s)
+        seen = set(seqs)
+        d = len(seqs) - len(seen)
         lo = first if first is not None else (min(seen) if seen else 0)
         hi = max(seen) if seen else lo - 1
         missing = sum(1 for s in range(lo, hi + 1) if s not in seen)
         received += len(seqs)
         lost += missing
         dups += d
-        if missing or d:
-            worst[pub] = {"lost": missing, "duplicates": d}
+        if missing or d or conflicts.get(pub):
+            worst[pub] = {"lost": missing, "duplicates": d, "conflicting": conflicts.get(pub, 0)}
+    conflicted = sum(conflicts.values())
     figure = {
         "publishers": len(sequences),
         "received": received,
         "lost": lost,
         "duplicates": dups,
+        "conflicting": conflicted,
         "bad_publishers": worst,
     }
-    msg = "%d messages from %d publishers: %d lost, %d duplicated" % (received, len(sequences), lost, dups)
-    return OracleResult("telemetry", "no lost or duplicated telemetry", lost == 0 and dups == 0, figure, msg)
+    msg = "%d messages from %d publishers: %d lost, %d redelivered (dropped by seq), %d conflicting" % (
+        received, len(sequences), lost, dups, conflicted)
+    ok = lost == 0 and conflicted == 0
+    return OracleResult("telemetry", "no lost telemetry, no seq with two payloads", ok, figure, msg)
 
 
 # ---- expectations ----------------------------------------------------------------------------

@@ -204,6 +204,9 @@ class SiteTarget(TapColumns):
     def telemetry_sequences(self) -> dict[str, list[int]] | None:
         return self.consumer.sequences() if self.consumer is not None else None
 
+    def telemetry_conflicts(self) -> dict[str, int]:
+        return self.consumer.conflicts() if self.consumer is not None else {}
+
     def assign_limit(self, column_id: str, now_ms: int, limit_a: float, validity_s: int,
                      failsafe_a: float | None = None) -> bool:
         return False   # the real gateway assigns; the harness is not on the link

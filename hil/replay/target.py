@@ -88,7 +88,9 @@ class Target(Protocol):
 #   method is missing, the engine models the fault by dropping or delaying assignments.
 #   `column_id` None means every column; `params` is the trace's link.fault map.
 # - `telemetry_sequences() -> Mapping[str, Sequence[int]] | None`: the sequence numbers an
-#   MQTT consumer received, per publisher, in arrival order; feeds the telemetry oracle.
+#   MQTT consumer received, per publisher, in arrival order, redeliveries included; feeds the
+#   telemetry oracle. `telemetry_conflicts() -> Mapping[str, int]`: per publisher, how many
+#   seqs arrived again with a different payload (a target without it reports none).
 # - `stats() -> Mapping[str, object]`: target figures copied into the run summary.
 # - The real gateway in the loop (hil.replay.site_target): a target with `gateway_in_loop = True`
 #   runs a real gateway between the trace and the columns. The engine then tells it the site

@@ -17,11 +17,15 @@ consumer reads (topic, payload, retain flag) differs between the two.
 A retained message the broker replays on a (re)subscription is the broker's copy of a state,
 not a new delivery: its `seq` is recorded if it was never seen and skipped otherwise
 (`retained_replays`). Everything else is recorded as it arrives, in arrival order, per
-publisher (the site id of the topic), duplicates included: the check counts them.
+publisher (the site id of the topic), duplicates included: the check counts them and drops
+them by seq, as docs/mqtt-api.md tells a consumer to (delivery is at least once). What it
+must not see is one seq with two different payloads: a digest of each seq's first payload
+is kept, and a later arrival of that seq with other bytes is counted in `conflicts()`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -53,7 +57,8 @@ class TelemetryConsumer:
         self.gateway_state: str | None = None
         self.connects = 0
         self._seqs: dict[str, list[int]] = {}
-        self._seen: dict[str, set[int]] = {}
+        self._seen: dict[str, dict[int, bytes]] = {}   # publisher -> seq -> payload digest
+        self._conflicts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311,
@@ -87,8 +92,9 @@ class TelemetryConsumer:
             client.subscribe([(f, 1) for f in filters])
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        raw = bytes(msg.payload)
         try:
-            body = payloads.decode(bytes(msg.payload))
+            body = payloads.decode(raw)
             topic = topics.parse(msg.topic)
         except ValueError:
             with self._lock:
@@ -100,12 +106,14 @@ class TelemetryConsumer:
             if not isinstance(seq, int) or isinstance(seq, bool):
                 self.without_seq += 1
                 return
-            seen = self._seen.setdefault(topic.site_id, set())
+            seen = self._seen.setdefault(topic.site_id, {})
             if msg.retain and seq in seen:
                 self.retained_replays += 1
                 return
             self.received += 1
-            seen.add(seq)
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            if seen.setdefault(seq, digest) != digest:
+                self._conflicts[topic.site_id] += 1
             self._seqs.setdefault(topic.site_id, []).append(seq)
 
     def _note(self, topic: topics.Topic, body: dict[str, Any]) -> None:
@@ -122,6 +130,11 @@ class TelemetryConsumer:
         """The sequence numbers received so far, per publisher, in arrival order."""
         with self._lock:
             return {pub: list(seqs) for pub, seqs in self._seqs.items()}
+
+    def conflicts(self) -> dict[str, int]:
+        """Per publisher: arrivals whose seq had come before with a different payload."""
+        with self._lock:
+            return dict(self._conflicts)
 
     def wait(self, what: str, pred: Any, timeout_s: float) -> None:
         """Until pred() holds (checked every 50 ms); TimeoutError naming `what` otherwise."""

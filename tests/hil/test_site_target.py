@@ -160,11 +160,15 @@ def _failed(result: RunResult) -> list[str]:
     return ["%s: %s %s" % (r.id, r.message, dict(r.figure)) for r in result.results if not r.ok]
 
 
-def _contiguous_from_one(seqs: dict[str, list[int]]) -> list[int]:
+def _contiguous_from_one(seqs: dict[str, list[int]], *, redelivered: int = 0) -> list[int]:
+    """The seqs received, which must be 1..N each once after dropping at most `redelivered`
+    duplicates (what a consumer does, docs/mqtt-api.md)."""
     assert list(seqs) == ["scenario"], seqs.keys()   # one publisher: the site's gateway
     got = seqs["scenario"]
-    assert sorted(got) == list(range(1, max(got) + 1)), "a gap or a duplicate in %s" % got
-    return got
+    unique = sorted(set(got))
+    assert unique == list(range(1, max(got) + 1)), "a gap in %s" % got
+    assert len(got) - len(unique) <= redelivered, "duplicates in %s" % got
+    return unique
 
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def test_the_real_gateway_curtails_the_site_for_the_dno(runs: dict[str, Any], in
     assert {"limit.offer/c1", "limit.car/c2", "timing/c1", "energy/c2"} <= {r.id for r in result.results}
     telemetry = _check(result, "telemetry")
     assert telemetry.passed and telemetry.figure["lost"] == 0 and telemetry.figure["duplicates"] == 0
-    got = _contiguous_from_one(seqs)
+    got = _contiguous_from_one(seqs)   # no outage: nothing is redelivered
     assert len(got) >= 30       # column and site telemetry every 2 s, plus status and events
     if interp == "micropython":
         assert stats["links"] == {"c1": "modbus-rtu", "c2": "modbus-tcp"}
@@ -200,7 +204,12 @@ def test_the_real_gateway_falls_to_the_dno_failsafe_while_its_broker_is_down(run
     # gateway, cut off from its broker, brought them under it (the check has judged the
     # site from 25 s, 10 s after the expiry, to 34 s, when the link came back).
     assert site.figure["max_measured_a"] > FAILSAFE_A + 2
-    got = _contiguous_from_one(seqs)
+    # Delivery is at least once: a message in flight when the broker stopped may come twice
+    # (its PUBACK died with the broker, or the broker had not yet had the consumer's). Those
+    # are at most one round of telemetry (the site and two columns) on each of the two hops.
+    telemetry = _check(result, "telemetry")
+    assert telemetry.passed and telemetry.figure["conflicting"] == 0
+    got = _contiguous_from_one(seqs, redelivered=2 * 3)
     # 28 of the 42 s had no broker: what the gateway queued then (about 2/3 of the
     # telemetry) arrived afterwards, and nothing in between is missing.
     assert len(got) >= 50, len(got)

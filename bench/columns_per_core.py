@@ -8,9 +8,11 @@ column as the gateway makes them. Each step starts the whole service
 (gateway.service.GatewayService) for N columns in its own process (bench/gw_scale.py), waits
 until every column is online, the allocation has settled and the outbox holds no more than one
 round of telemetry (the start's online events and statuses sent), then measures for a window: CPU of
-the process (all threads, and each thread's share), poll lateness against the schedule, how
-long the control step and each telemetry slice hold the event loop, polls, telemetry
-acknowledged by the broker, outbox backlog, poll cycles skipped, events dropped, RSS. A step
+the process (all threads, and each thread's share), poll lateness against the schedule, polls,
+telemetry acknowledged by the broker, outbox backlog, poll cycles skipped, events dropped. A
+second window of the same length, with timers on (their cost is the gateway's CPU in it minus
+the first window's), says where the CPU went and how long the control step and each telemetry
+slice hold the event loop; RSS at the end. A step
 passes when every column is online, CPU ≤ 70 %, lateness p99 ≤ 100 ms, ≥ 95 % of the polls
 and ≥ 90 % of the telemetry went through, the backlog did not grow and nothing was dropped.
 N doubles until the CPU criterion fails, then the gap below the first failure is bisected. A
@@ -136,7 +138,7 @@ def step(n: int, farm: Farm, broker_port: int, work: Path, *, window_s: float, s
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 60 + online_timeout_s + window_s + settle_s + DRAIN_WAIT_S
+            deadline = time.monotonic() + 60 + online_timeout_s + 2 * window_s + settle_s + DRAIN_WAIT_S
             while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             after = farm.counters()
@@ -413,7 +415,10 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
                                     "published and deleted)",
                  "other_threads": "other threads", "garbage_collector": "the garbage collector"}
         notes.append(f"Where the CPU per column and second went at {top['columns']} columns: " + ", ".join(
-            f"{names.get(k, k)} {v} µs" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])) + ".")
+            f"{names.get(k, k)} {v} µs" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])) + ". "
+            f"Measured in a second window with timers around those parts: it ran at "
+            f"{100 * top['cpu_fraction_timed']:.1f} % CPU against the verdict's window's "
+            f"{100 * top['cpu_fraction']:.1f} % (the timers' own cost, in the rest).")
     gc_top = top.get("gc")
     if gc_top:
         notes.append(f"Garbage collector at {top['columns']} columns: {sum(gc_top['collections'])} "

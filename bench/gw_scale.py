@@ -3,18 +3,21 @@
 
     python -m bench.gw_scale SITE.toml OUT.json --window S [--settle S] [--profile OUT.prof]
 
-Once every column is online and `--settle` seconds have passed, it measures for `--window`
-seconds: the process's CPU (all threads), one sample a second, and each thread's share; poll
-lateness (how late each column's poll is taken against its schedule: PollSchedule.take is
-wrapped here to record it, nothing else is changed); how long each telemetry round takes and
-how long each of its slices holds the event loop (GatewayService.telemetry_round,
-_column_telemetry and the outbox transaction, timed the same way); the event loop's time in
-each control step (GatewayService._open_step, _collect, _step_inputs, _close_step,
-_send_limits, and _Step.run when it runs on the loop) and the CPU of the allocation when it
-runs in a worker thread (_Step.run, thread time); polls,
-telemetry messages acknowledged by the broker, the outbox backlog, poll cycles skipped, events
-dropped, RSS, each garbage collection's pause (gc.callbacks), and from these where the CPU per
-column went. With --profile, cProfile records the event loop's thread during the window. It
+Once every column is online and `--settle` seconds have passed, it measures two windows of
+`--window` seconds each. The first, which the verdict judges, has only the cheap probes on:
+the process's CPU (all threads), one sample a second, and each thread's share; poll lateness
+(how late each column's poll is taken against its schedule: PollSchedule.take is wrapped here
+to record it, nothing else is changed); polls, telemetry messages acknowledged by the broker,
+the outbox backlog, poll cycles skipped, events dropped. The second turns on the timers that
+say where the CPU goes (clock reads around every timed call: a few µs per column and second
+that the gateway itself does not spend; its CPU is reported as `cpu_fraction_timed`): how
+long each telemetry round takes and how long each of its slices holds the event loop
+(GatewayService.telemetry_round, _column_telemetry and the outbox transaction); the event
+loop's time in each control step (GatewayService._open_step, _collect, _step_inputs,
+_close_step, _send_limits, and _Step.run when it runs on the loop) and the CPU of the
+allocation when it runs in a worker thread (_Step.run, thread time); each garbage
+collection's pause (gc.callbacks); and from these where the CPU per column went. RSS at the
+end. With --profile, cProfile records the event loop's thread during the second window. It
 writes OUT.json, then stops the service cleanly.
 """
 
@@ -52,6 +55,7 @@ GC_S: list[list[float]] = [[], [], []]   # each garbage collection's pause, by g
 # would otherwise be charged the worker's time too.
 TIMED_S: dict[str, float] = {}  # CPU seconds in parts of the service (_record_time_in), summed
 CPU_S: dict[str, float] = {"control_step": 0.0, "telemetry_slices": 0.0}   # the loop's CPU in both
+TIMING = [False]   # the timers' switch: off in the verdict's window, on in the breakdown's
 
 
 def _record_telemetry() -> None:
@@ -65,18 +69,21 @@ def _record_telemetry() -> None:
     started_cpu: list[float] = []
 
     async def timed_round(self: GatewayService) -> None:
+        if not TIMING[0]:
+            return await round_(self)
         t0 = time.perf_counter()
         await round_(self)
         TELEMETRY_S.append(time.perf_counter() - t0)
 
     def timed_build(self: GatewayService, views: Any, now: int) -> Any:
-        started.append(time.perf_counter())
-        started_cpu.append(time.thread_time())
+        if TIMING[0]:
+            started.append(time.perf_counter())
+            started_cpu.append(time.thread_time())
         return build(self, views, now)
 
     def timed_enqueue(self: GatewayService, messages: Any) -> None:
         enqueue(self, messages)
-        if started and messages and messages[0].kind == "telemetry":
+        if TIMING[0] and started and messages and messages[0].kind == "telemetry":
             SLICE_S.append(time.perf_counter() - started.pop())
             CPU_S["telemetry_slices"] += time.thread_time() - started_cpu.pop()
 
@@ -95,6 +102,8 @@ def _record_control_steps() -> None:
         method = getattr(GatewayService, name)
 
         def timed(self: GatewayService, *args: Any) -> Any:
+            if not TIMING[0]:
+                return method(self, *args)
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return method(self, *args)
@@ -110,6 +119,8 @@ def _record_control_steps() -> None:
     run = _Step.run
 
     def timed_run(self: _Step) -> Any:
+        if not TIMING[0]:
+            return run(self)
         on_loop = threading.current_thread() is threading.main_thread()
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
@@ -145,6 +156,8 @@ def _record_time_in(part: str, *targets: tuple[Any, tuple[str, ...]]) -> None:
 
     def wrap(method: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if not TIMING[0]:
+                return method(*args, **kwargs)
             depth[0] += 1
             t0 = time.thread_time()
             try:
@@ -226,9 +239,58 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
         await asyncio.sleep(0.2)
     drained_s = time.monotonic() - t1
     channels = getattr(service.south.adapters["modbus-tcp"], "_channels", {})
+    verdict = await _verdict_window(service, channels, window_s)
+    TIMING[0] = True
+    timed = await _timed_window(service, window_s, n, profile)
+    TIMING[0] = False
+    return {
+        "columns": n, "online": online, "online_after_s": round(online_s, 1),
+        "start_backlog_drained_after_s": round(drained_s, 1), **verdict, **timed,
+        "rss_kb": rss_kb(), "telemetry_interval_s": service.telemetry_interval_s,
+    }
+
+
+async def _cpu_window(window_s: float) -> tuple[float, float, list[float]]:
+    """Wall and process CPU seconds of a window, and its CPU fraction second by second."""
+    samples = []
+    w0, c0 = time.monotonic(), time.process_time()
+    last_w, last_c = w0, c0
+    while time.monotonic() - w0 < window_s:
+        await asyncio.sleep(1.0)
+        w, c = time.monotonic(), time.process_time()
+        samples.append((c - last_c) / (w - last_w))
+        last_w, last_c = w, c
+    return time.monotonic() - w0, time.process_time() - c0, samples
+
+
+async def _verdict_window(service: GatewayService, channels: dict[str, Any],
+                          window_s: float) -> dict[str, Any]:
+    """What the verdict judges, with the timers off: CPU, lateness, throughput, backlog."""
     skipped0 = sum(ch.schedule.skipped_cycles for ch in channels.values())
     stats0 = _counters(service)
     LATE_S.clear()
+    threads0 = thread_cpu_s()
+    wall, cpu, samples = await _cpu_window(window_s)
+    threads1 = thread_cpu_s()
+    stats1 = _counters(service)
+    late = sorted(LATE_S)
+    return {
+        "window_s": round(wall, 2), "cpu_s": round(cpu, 3), "cpu_fraction": round(cpu / wall, 4),
+        "cpu_fraction_samples": [round(x, 4) for x in samples],
+        "cpu_fraction_by_thread": {k: round((v - threads0.get(k, 0.0)) / wall, 4)
+                                   for k, v in sorted(threads1.items())},
+        "polls": stats1[0] - stats0[0], "poll_failures": stats1[1] - stats0[1],
+        "events_dropped": stats1[2] - stats0[2], "telemetry_acked": stats1[3] - stats0[3],
+        "outbox_backlog_start": stats0[4], "outbox_backlog_end": stats1[4],
+        "lateness_samples": len(late),
+        "lateness_s": late[:: max(1, len(late) // 20000)],   # at most ~20k samples back
+        "skipped_cycles": sum(ch.schedule.skipped_cycles for ch in channels.values()) - skipped0,
+    }
+
+
+async def _timed_window(service: GatewayService, window_s: float, n: int,
+                        profile: cProfile.Profile | None) -> dict[str, Any]:
+    """Where the CPU goes, with the timers on (and cProfile, if asked)."""
     TELEMETRY_S.clear()
     SLICE_S.clear()
     STEP_S.clear()
@@ -241,24 +303,14 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
         TIMED_S[part] = 0.0
     for part in CPU_S:
         CPU_S[part] = 0.0
-    samples = []
     if profile is not None:
         profile.enable()
-    w0, c0 = time.monotonic(), time.process_time()
     threads0 = thread_cpu_s()
-    last_w, last_c = w0, c0
-    while time.monotonic() - w0 < window_s:
-        await asyncio.sleep(1.0)
-        w, c = time.monotonic(), time.process_time()
-        samples.append((c - last_c) / (w - last_w))
-        last_w, last_c = w, c
-    wall, cpu = time.monotonic() - w0, time.process_time() - c0
+    wall, cpu, _samples = await _cpu_window(window_s)
     threads1 = thread_cpu_s()
     if profile is not None:
         profile.disable()
-    stats1 = _counters(service)
     STEP_S.extend(v for per_step in STEP_BY_GENERATION for v in per_step.values())
-    late = sorted(LATE_S)
     per_col = 1e6 / (wall * max(1, n))   # seconds in the window -> µs per column and second
     by_thread = {k: (v - threads0.get(k, 0.0)) for k, v in threads1.items()}
     step_thread_s = sum(STEP_THREAD_S)
@@ -268,31 +320,18 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
              "other_threads": max(0.0, cpu - by_thread.get("MainThread", cpu) - step_thread_s)}
     parts["polls_and_rest"] = max(0.0, cpu - sum(parts.values()))
     return {
-        "columns": n, "online": online, "online_after_s": round(online_s, 1),
-        "start_backlog_drained_after_s": round(drained_s, 1),
-        "window_s": round(wall, 2), "cpu_s": round(cpu, 3), "cpu_fraction": round(cpu / wall, 4),
-        "cpu_fraction_samples": [round(x, 4) for x in samples],
-        "cpu_fraction_by_thread": {k: round((v - threads0.get(k, 0.0)) / wall, 4)
-                                   for k, v in sorted(threads1.items())},
-        "polls": stats1[0] - stats0[0], "poll_failures": stats1[1] - stats0[1],
-        "events_dropped": stats1[2] - stats0[2], "telemetry_acked": stats1[3] - stats0[3],
-        "outbox_backlog_start": stats0[4], "outbox_backlog_end": stats1[4],
-        "lateness_samples": len(late),
+        "cpu_fraction_timed": round(cpu / wall, 4),
         "telemetry_round_ms": [round(1000 * x, 2) for x in TELEMETRY_S],
         "telemetry_slice_ms": [round(1000 * x, 2) for x in SLICE_S],
         "control_step_ms": [round(1000 * x, 2) for x in STEP_S],
         "control_step_thread_ms": [round(1000 * x, 2) for x in STEP_THREAD_S],
         "gc": {"collections": [len(x) for x in GC_S], "s": [round(sum(x), 4) for x in GC_S],
                "max_ms": round(1000 * max((p for x in GC_S for p in x), default=0.0), 2)},
-        "lateness_s": late[:: max(1, len(late) // 20000)],   # at most ~20k samples back
-        "skipped_cycles": sum(ch.schedule.skipped_cycles for ch in channels.values()) - skipped0,
-        "rss_kb": rss_kb(),
-        # Where the CPU went, µs per column and second: loop-held sections timed by wall clock
-        # (the loop's thread runs them without waiting, except the telemetry slices' outbox
-        # commit, which waits for its fsync), other threads by their CPU; the rest is the polls
-        # (the south adapter, asyncio, sockets) and everything not timed.
+        # Where the CPU went, µs per column and second, from the loop thread's CPU time in each
+        # timed part and other threads' CPU; the rest is the polls (the south adapter, asyncio,
+        # sockets) and everything not timed. The timers' own cost is in it: cpu_fraction_timed
+        # minus the verdict window's cpu_fraction.
         "breakdown_us_per_column_s": {k: round(v * per_col, 1) for k, v in parts.items()},
-        "telemetry_interval_s": service.telemetry_interval_s,
     }
 
 

@@ -9,8 +9,8 @@ Guarantees
 - A row is deleted only when the publisher reports the broker's PUBACK (QoS 1). A crash
   between PUBACK and the delete sends the message again after restart: delivery is at
   least once, and consumers drop duplicates by `seq`.
-- Rows are handed out in insertion order (`row_id`, which is never reused either), so
-  after a broker outage or a restart the backlog goes out oldest first.
+- Rows are handed out in insertion order (`row_id`, which is never reused either: it is
+  the row's seq), so after a broker outage or a restart the backlog goes out oldest first.
 - Durability (the SQLite WAL journal in both modes):
   "full" (synchronous=FULL, default): once enqueue() returns the message survives a
   process crash and a power cut. "normal" (synchronous=NORMAL): it survives a process
@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 from gateway.north import payloads
 from gateway.north.payloads import encode, utc_ms
@@ -49,7 +49,7 @@ from gateway.north.payloads import encode, utc_ms
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DURABILITY = {"full": "FULL", "normal": "NORMAL"}
 
 
@@ -115,10 +115,14 @@ class OutboxStats:
     dropped: dict[str, int]      # totals since the file was created
 
 
+# Schema 2: the row id is the seq (never reused, and queued in seq order), where schema 1 had
+# an AUTOINCREMENT id beside it; the drop order's index leaves out telemetry, which is most
+# rows and is found in id order (_oldest_telemetry). Both save work on every insert and
+# delete. A schema 1 file is migrated on open (_MIGRATE_1).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused, order kept
+    id INTEGER PRIMARY KEY,  -- the seq
     seq INTEGER NOT NULL,
     kind TEXT NOT NULL,
     prio INTEGER NOT NULL,
@@ -130,11 +134,32 @@ CREATE TABLE IF NOT EXISTS outbox (
     enqueued_ms INTEGER NOT NULL,
     size INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_drop_order ON outbox (prio, id);
+CREATE INDEX IF NOT EXISTS outbox_drop_order ON outbox (prio, id) WHERE prio > 0;
+"""
+_MIGRATE_1 = """
+ALTER TABLE outbox RENAME TO outbox_1;
+DROP INDEX outbox_drop_order;
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    prio INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    correlation BLOB,
+    enqueued_ms INTEGER NOT NULL,
+    size INTEGER NOT NULL
+);
+INSERT INTO outbox SELECT seq, seq, kind, prio, topic, payload, qos, retain, correlation, enqueued_ms, size
+    FROM outbox_1 ORDER BY id;
+DROP TABLE outbox_1;
 """
 _COLUMNS = "id, seq, kind, topic, payload, qos, retain, correlation, enqueued_ms"
-_INSERT = ("INSERT INTO outbox (seq, kind, prio, topic, payload, qos, retain, correlation, enqueued_ms, "
-           "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_VICTIM = "id, seq, kind, prio, size"   # what the drop policy reads of a row
+_INSERT = ("INSERT INTO outbox (id, seq, kind, prio, topic, payload, qos, retain, correlation, enqueued_ms, "
+           "size) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")
 _KINDS = {k.value: k for k in MessageKind}
 
 
@@ -167,6 +192,9 @@ class Outbox:
             raise OutboxError(f"{self.path}: cannot open: {exc}") from None
         try:
             self._setup()
+        except OutboxError:
+            self._db.close()   # and with it the exclusive lock
+            raise
         except sqlite3.OperationalError as exc:
             self._db.close()
             if "locked" in str(exc):
@@ -187,6 +215,11 @@ class Outbox:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise OutboxError(f"{self.path}: schema {version} is newer than this gateway's")
+            if version == 1:   # what is queued stays queued, in its order, with its seqs
+                for statement in _MIGRATE_1.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                log.info("outbox %s: schema 1 migrated to %d", self.path, SCHEMA_VERSION)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -198,6 +231,7 @@ class Outbox:
         self._load()
 
     def _load(self) -> None:
+        self._telemetry_floor = 0   # no telemetry row has an id <= this (see _oldest_telemetry)
         rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
         self._rows, self._bytes = int(rows), int(size)
         self._meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
@@ -257,7 +291,7 @@ class Outbox:
             body = _stamp(unstamped, seq)
             size = self._size(msg, body)
             total += size
-            rows.append((seq, str(msg.kind), DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
+            rows.append((seq, msg.kind.value, DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
                          int(msg.retain), msg.correlation, now, size))
         n = len(rows)
         if self._rows + n > self.max_rows or self._bytes + total > self.max_bytes:
@@ -294,7 +328,7 @@ class Outbox:
         return seq
 
     def _write(self, msg: Outgoing, seq: int, body: bytes, size: int) -> None:
-        self._db.execute(_INSERT, (seq, str(msg.kind), DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
+        self._db.execute(_INSERT, (seq, msg.kind.value, DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
                                    int(msg.retain), msg.correlation, self._clock_ms(), size))
         self._rows += 1
         self._bytes += size
@@ -303,15 +337,25 @@ class Outbox:
         """Drop queued rows until `size` more bytes and one more row fit; False when the
         next victim would matter more than the new message (then the new one is dropped)."""
         while self._rows + 1 > self.max_rows or self._bytes + size > self.max_bytes:
-            row_id, seq, kind, row_prio, row_size = self._db.execute(
-                "SELECT id, seq, kind, prio, size FROM outbox ORDER BY prio, id LIMIT 1").fetchone()
+            victim = self._oldest_telemetry() or self._db.execute(
+                f"SELECT {_VICTIM} FROM outbox WHERE prio > 0 ORDER BY prio, id LIMIT 1").fetchone()
+            row_id, seq, kind, row_prio, row_size = victim
             if row_prio > prio:
                 return False
+            if row_prio == 0:
+                self._telemetry_floor = row_id
             self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
             self._rows -= 1
             self._bytes -= row_size
             self._count_drop(kind, seq)
         return True
+
+    def _oldest_telemetry(self) -> tuple[int, int, str, int, int] | None:
+        """The first telemetry row in id order, read from past the last one dropped: every
+        telemetry row at or below that is gone, so the rows between are passed over once."""
+        return cast(tuple[int, int, str, int, int] | None, self._db.execute(
+            f"SELECT {_VICTIM} FROM outbox WHERE prio = 0 AND id > ? ORDER BY id LIMIT 1",
+            (self._telemetry_floor,)).fetchone())
 
     def _count_drop(self, kind: str, seq: int) -> None:
         self._set(f"dropped.{kind}", self._get(f"dropped.{kind}") + 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.north.outbox import MessageKind, Outbox, OutboxError, Outgoing
+from gateway.north.outbox import DROP_PRIORITY, SCHEMA_VERSION, MessageKind, Outbox, OutboxError, Outgoing
 
 REPO = Path(__file__).resolve().parents[2]
 T, S, E, A = MessageKind.TELEMETRY, MessageKind.STATUS, MessageKind.EVENT, MessageKind.ACK
@@ -243,3 +244,98 @@ def test_a_batch_that_does_not_fit_goes_by_the_drop_policy(tmp_path: Path) -> No
         assert report is not None
         assert (report.counts, report.first_seq, report.last_seq) == ({"telemetry": 2}, 2, 3)
         assert ob.enqueue_many([Outgoing("t", {"k": 9}, T)]) == [7]   # the counter went on
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("put"), st.sampled_from(list(MessageKind))),
+                          st.tuples(st.just("ack"), st.integers(1, 3)),
+                          st.tuples(st.just("reopen"), st.just(0))), max_size=80), st.integers(1, 6))
+def test_the_drop_order_is_the_policy_across_acks_and_restarts(tmp_path_factory: pytest.TempPathFactory,
+                                                               ops: list[tuple[str, MessageKind | int]],
+                                                               max_rows: int) -> None:
+    # A model of the policy (the module docstring): a full queue loses its lowest class,
+    # oldest first, and never a row of a higher class than the new message's.
+    path = tmp_path_factory.mktemp("order") / "o.db"
+    model: list[tuple[int, int]] = []   # (seq, prio), oldest first
+    next_seq = 1
+    ob = Outbox(path, max_rows=max_rows, durability="normal")
+    try:
+        for op, arg in ops:
+            if op == "put":
+                assert isinstance(arg, MessageKind)
+                prio = DROP_PRIORITY[arg]
+                assert ob.enqueue("t", {}, kind=arg) == next_seq
+                if len(model) >= max_rows:
+                    victim = min(model, key=lambda row: (row[1], row[0]))
+                    if victim[1] <= prio:
+                        model.remove(victim)
+                if len(model) < max_rows:
+                    model.append((next_seq, prio))
+                next_seq += 1
+            elif op == "ack":
+                rows = ob.peek(0, int(arg))
+                ob.ack(r.row_id for r in rows)
+                del model[:len(rows)]
+            else:
+                ob.close()
+                ob = Outbox(path, max_rows=max_rows, durability="normal")
+            assert _seqs(ob) == [seq for seq, _prio in model]
+    finally:
+        ob.close()
+
+
+_SCHEMA_1 = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER NOT NULL, kind TEXT NOT NULL, prio INTEGER NOT NULL,
+    topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,
+    correlation BLOB, enqueued_ms INTEGER NOT NULL, size INTEGER NOT NULL);
+CREATE INDEX outbox_drop_order ON outbox (prio, id);
+"""
+
+
+def test_a_schema_1_file_is_migrated_with_everything_it_holds(tmp_path: Path) -> None:
+    # What a gateway of schema 1 (ids beside the seqs, from AUTOINCREMENT) left queued.
+    path = tmp_path / "o.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(_SCHEMA_1)
+    rows = [(10 + n, seq, kind, DROP_PRIORITY[MessageKind(kind)], f"t/{seq}", b'{"seq":%d}' % seq, 1,
+             int(seq == 5), b"c" if seq == 6 else None, 1000 + seq, 20)
+            for n, (seq, kind) in enumerate([(4, "telemetry"), (5, "status"), (6, "ack"), (9, "telemetry")])]
+    db.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    meta = [("next_seq", 10), ("dropped.telemetry", 3), ("unreported.telemetry", 1),
+            ("unreported.first_seq", 8), ("unreported.last_seq", 8)]
+    db.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+    db.execute("PRAGMA user_version=1")
+    db.close()
+    with Outbox(path, max_rows=5) as ob:
+        got = ob.peek(0, 10)
+        assert [(r.row_id, r.seq, r.kind, r.topic, r.payload, r.retain, r.correlation, r.enqueued_ms)
+                for r in got] == [(seq, seq, MessageKind(kind), topic, body, bool(retain), corr, ts)
+                                  for _id, seq, kind, _p, topic, body, _q, retain, corr, ts, _s in rows]
+        assert (len(ob), ob.bytes_used, ob.next_seq) == (4, 80, 10)
+        assert ob.stats().dropped["telemetry"] == 3
+        report = ob.drop_report()
+        assert report is not None and (report.counts, report.first_seq, report.last_seq) == \
+            ({"telemetry": 1}, 8, 8)
+        assert ob.enqueue("t", {}, kind=MessageKind.TELEMETRY) == 10
+        assert ob.enqueue("t", {}, kind=MessageKind.EVENT) == 11   # full: the oldest telemetry goes
+        assert _seqs(ob) == [5, 6, 9, 10, 11]
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert check.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'outbox_1'").fetchone()[0] == 0
+    check.close()
+
+
+def test_a_file_of_a_newer_schema_is_refused_left_alone_and_not_held(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path) as ob:
+        ob.enqueue("t", {}, kind=T)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(OutboxError, match="newer than this gateway's"):
+        Outbox(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 1
+    db.close()

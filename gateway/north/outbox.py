@@ -17,6 +17,9 @@ Guarantees
   crash (SIGKILL); a power cut or OS crash may lose the transactions of the last moments.
 - One process at a time: the file is opened in exclusive locking mode; a second opener
   gets OutboxError (two gateways on one file would interleave sequence numbers).
+- The newest rows are also kept in memory (up to TAIL_ROWS), as they were committed: a
+  publisher that keeps up reads them from there instead of from the file. The file stays
+  the truth: a row leaves the tail with its delete, and a failed transaction empties it.
 
 Drop policy (the queue is bounded by max_rows and max_bytes)
 When a new message would take the queue over either bound, whole rows are dropped
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SCHEMA_VERSION = 2
+TAIL_ROWS = 10_000   # rows kept in memory for peek() (two telemetry rounds of 5,000 columns)
 DURABILITY = {"full": "FULL", "normal": "NORMAL"}
 
 
@@ -235,6 +240,18 @@ class Outbox:
         rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
         self._rows, self._bytes = int(rows), int(size)
         self._meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+        self._tail_restart()
+
+    def _tail_restart(self) -> None:
+        """An empty tail that starts after every row the file may hold."""
+        self._tail: deque[OutboxRow] = deque()
+        self._tail_after = self._get("next_seq", 1) - 1   # the tail holds every row with a higher id
+
+    def _tail_add(self, row: OutboxRow) -> None:
+        tail = self._tail
+        tail.append(row)
+        if len(tail) > TAIL_ROWS:
+            self._tail_after = tail.popleft().row_id
 
     # -- meta counters (kept in the file, written inside the caller's transaction) -------
     def _get(self, name: str, default: int = 0) -> int:
@@ -302,6 +319,9 @@ class Outbox:
         self._set("next_seq", first + n)
         self._rows += n
         self._bytes += total
+        for msg, row in zip(messages, rows, strict=True):
+            self._tail_add(OutboxRow(row[0], row[0], msg.kind, msg.topic, row[4], msg.qos, msg.retain,
+                                     msg.correlation, now))
         return [first + i for i in range(n)]
 
     def _next_seq(self) -> int:
@@ -328,10 +348,13 @@ class Outbox:
         return seq
 
     def _write(self, msg: Outgoing, seq: int, body: bytes, size: int) -> None:
+        now = self._clock_ms()
         self._db.execute(_INSERT, (seq, msg.kind.value, DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
-                                   int(msg.retain), msg.correlation, self._clock_ms(), size))
+                                   int(msg.retain), msg.correlation, now, size))
         self._rows += 1
         self._bytes += size
+        self._tail_add(OutboxRow(seq, seq, msg.kind, msg.topic, body, msg.qos, msg.retain, msg.correlation,
+                                 now))
 
     def _make_room(self, size: int, prio: int) -> bool:
         """Drop queued rows until `size` more bytes and one more row fit; False when the
@@ -348,6 +371,7 @@ class Outbox:
             self._rows -= 1
             self._bytes -= row_size
             self._count_drop(kind, seq)
+            self._tail_forget({row_id})
         return True
 
     def _oldest_telemetry(self) -> tuple[int, int, str, int, int] | None:
@@ -368,6 +392,15 @@ class Outbox:
     # -- consuming ------------------------------------------------------------------------
     def peek(self, after_row_id: int = 0, limit: int = 100) -> list[OutboxRow]:
         """The oldest rows with row_id > after_row_id, in order (nothing is removed)."""
+        tail = self._tail
+        if after_row_id >= self._tail_after:
+            # Rows at or below the cursor are behind every reader that keeps up: let them go.
+            while tail and tail[0].row_id <= after_row_id:
+                self._tail_after = tail.popleft().row_id
+            return [tail[i] for i in range(min(limit, len(tail)))]
+        return self._peek_file(after_row_id, limit)
+
+    def _peek_file(self, after_row_id: int, limit: int) -> list[OutboxRow]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                                 (after_row_id, limit)).fetchall()
         kinds = _KINDS
@@ -390,6 +423,7 @@ class Outbox:
                 deleted += len(sizes)
                 self._rows -= len(sizes)
                 self._bytes -= sum(s[0] for s in sizes)
+            self._tail_forget(ids)
             return deleted
         return self._transaction(work)
 
@@ -408,8 +442,20 @@ class Outbox:
                     self._rows -= 1
                     self._bytes -= row[2]
                     self._count_drop(row[1], row[0])
+            self._tail_forget(ids)
             return found
         return self._transaction(work) if ids else 0
+
+    def _tail_forget(self, row_ids: Iterable[int]) -> None:
+        """Deleted rows leave the tail too (the usual case, the oldest rows, from its front)."""
+        tail = self._tail
+        if not tail:
+            return
+        gone = set(row_ids)
+        while tail and tail[0].row_id in gone:
+            gone.discard(tail.popleft().row_id)
+        if gone and tail and max(gone) >= tail[0].row_id:
+            self._tail = deque(r for r in tail if r.row_id not in gone)
 
     # -- drop reporting -------------------------------------------------------------------
     def drop_report(self) -> DropReport | None:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.north import outbox as outbox_module
 from gateway.north.outbox import DROP_PRIORITY, SCHEMA_VERSION, MessageKind, Outbox, OutboxError, Outgoing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +61,14 @@ def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
         assert ob.peek(0, 100) == before
         assert (len(ob), ob.bytes_used, ob.next_seq) == (13, used, 21)
         assert ob.enqueue("t", {}, kind=T) == 21
+
+
+def test_a_refused_row_is_not_read_again(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as ob:
+        ob.enqueue_many([Outgoing("t", {"n": n}, T) for n in range(4)])
+        assert [r.seq for r in ob.peek(1, 10)] == [2, 3, 4]   # a publisher's read past row 1
+        assert ob.drop([3]) == 1
+        assert [r.seq for r in ob.peek(1, 10)] == [2, 4] and _seqs(ob) == [1, 2, 4]
 
 
 def test_row_ids_are_never_reused(tmp_path: Path) -> None:
@@ -339,3 +348,51 @@ def test_a_file_of_a_newer_schema_is_refused_left_alone_and_not_held(tmp_path: P
     db = sqlite3.connect(path)
     assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 1
     db.close()
+
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("put"), st.integers(1, 4), st.sampled_from(list(MessageKind))),
+                          st.tuples(st.just("ack"), st.integers(0, 40), st.integers(1, 3)),
+                          st.tuples(st.just("drop"), st.integers(0, 40), st.integers(1, 2)),
+                          st.tuples(st.just("peek"), st.integers(0, 40), st.integers(1, 6)),
+                          st.tuples(st.just("fail"), st.just(0), st.just(0)),
+                          st.tuples(st.just("reopen"), st.just(0), st.just(0))), max_size=80),
+       st.integers(3, 12), st.integers(2, 6))
+def test_peek_from_memory_is_what_the_file_holds(tmp_path_factory: pytest.TempPathFactory,
+                                                 ops: list[tuple[str, int, MessageKind | int]],
+                                                 max_rows: int, tail_rows: int) -> None:
+    # The in-memory tail behind peek() (TAIL_ROWS, small here so that it overflows) against the
+    # file itself, through inserts, drops by policy, acks and drops of any rows, failed
+    # transactions and restarts, read at any cursor the way a publisher reads.
+    path = tmp_path_factory.mktemp("tail") / "o.db"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(outbox_module, "TAIL_ROWS", tail_rows)
+    ob = Outbox(path, max_rows=max_rows, max_bytes=1 << 16, durability="normal")
+    cursor = 0
+    try:
+        for op, a, b in ops:
+            if op == "put":
+                assert isinstance(b, MessageKind)
+                ob.enqueue_many([Outgoing("t", {"n": n}, b) for n in range(a)])
+            elif op == "ack":
+                ob.ack(range(a, a + int(b)))
+            elif op == "drop":   # rows the broker refused
+                ob.drop(range(a, a + int(b)))
+            elif op == "peek":
+                cursor = a if a < cursor else cursor   # a reconnect reads again from further back
+                rows = ob.peek(cursor, int(b))
+                assert rows == ob._peek_file(cursor, int(b))
+                cursor = rows[-1].row_id if rows else cursor
+            elif op == "fail":
+                with pytest.raises(ValueError):   # the second one is too large: nothing is queued
+                    ob.enqueue_many([Outgoing("t", {}, MessageKind.TELEMETRY),
+                                     Outgoing("t", {"x": "y" * (1 << 17)}, MessageKind.EVENT)])
+            else:
+                ob.close()
+                ob = Outbox(path, max_rows=max_rows, max_bytes=1 << 16, durability="normal")
+            for after in (0, cursor):
+                assert ob.peek(after, 100) == ob._peek_file(after, 100)
+    finally:
+        ob.close()
+        mp.undo()

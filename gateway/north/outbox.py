@@ -38,6 +38,7 @@ or the topic is not valid) are removed with drop() and reported the same way.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 from collections import deque
@@ -166,6 +167,8 @@ _VICTIM = "id, seq, kind, prio, size"   # what the drop policy reads of a row
 _INSERT = ("INSERT INTO outbox (id, seq, kind, prio, topic, payload, qos, retain, correlation, enqueued_ms, "
            "size) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")
 _KINDS = {k.value: k for k in MessageKind}
+# A row as inserted: (id = seq, kind, prio, topic, payload, qos, retain, correlation, enqueued_ms, size).
+_Row = tuple[int, str, int, str, bytes, int, int, bytes | None, int, int]
 
 
 def _stamp(body: bytes, seq: int) -> bytes:
@@ -244,14 +247,15 @@ class Outbox:
 
     def _tail_restart(self) -> None:
         """An empty tail that starts after every row the file may hold."""
-        self._tail: deque[OutboxRow] = deque()
+        # Rows as inserted (_Row: atoms only, so the cyclic collector soon stops tracking them).
+        self._tail: deque[_Row] = deque()
         self._tail_after = self._get("next_seq", 1) - 1   # the tail holds every row with a higher id
 
-    def _tail_add(self, row: OutboxRow) -> None:
+    def _tail_add(self, rows: Iterable[_Row]) -> None:
         tail = self._tail
-        tail.append(row)
-        if len(tail) > TAIL_ROWS:
-            self._tail_after = tail.popleft().row_id
+        tail.extend(rows)
+        while len(tail) > TAIL_ROWS:
+            self._tail_after = tail.popleft()[0]
 
     # -- meta counters (kept in the file, written inside the caller's transaction) -------
     def _get(self, name: str, default: int = 0) -> int:
@@ -301,15 +305,26 @@ class Outbox:
     def _insert_all(self, messages: Sequence[Outgoing], bodies: Sequence[bytes]) -> list[int]:
         first = self._get("next_seq", 1)
         now = self._clock_ms()
-        rows = []
+        rows: list[_Row] = []
         total = 0
-        for i, (msg, unstamped) in enumerate(zip(messages, bodies, strict=True)):
-            seq = first + i
+        seq = first
+        kind: MessageKind | None = None
+        value, prio = "", 0
+        max_bytes = self.max_bytes
+        for msg, unstamped in zip(messages, bodies, strict=True):   # thousands a second: lean
+            if msg.kind is not kind:   # (a batch is mostly of one kind; an enum hashes in Python)
+                kind = msg.kind
+                value, prio = kind.value, DROP_PRIORITY[kind]
             body = _stamp(unstamped, seq)
-            size = self._size(msg, body)
+            topic, correlation = msg.topic, msg.correlation
+            size = len(body) + (len(topic) if topic.isascii() else len(topic.encode()))
+            if correlation is not None:
+                size += len(correlation)
+            if size > max_bytes:
+                raise ValueError(f"message of {size} bytes is larger than the outbox ({max_bytes})")
             total += size
-            rows.append((seq, msg.kind.value, DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
-                         int(msg.retain), msg.correlation, now, size))
+            rows.append((seq, value, prio, topic, body, msg.qos, int(msg.retain), correlation, now, size))
+            seq += 1
         n = len(rows)
         if self._rows + n > self.max_rows or self._bytes + total > self.max_bytes:
             # Something has to go: one message at a time, by the drop policy.
@@ -319,10 +334,8 @@ class Outbox:
         self._set("next_seq", first + n)
         self._rows += n
         self._bytes += total
-        for msg, row in zip(messages, rows, strict=True):
-            self._tail_add(OutboxRow(row[0], row[0], msg.kind, msg.topic, row[4], msg.qos, msg.retain,
-                                     msg.correlation, now))
-        return [first + i for i in range(n)]
+        self._tail_add(rows)
+        return list(range(first, first + n))
 
     def _next_seq(self) -> int:
         seq = self._get("next_seq", 1)
@@ -348,13 +361,12 @@ class Outbox:
         return seq
 
     def _write(self, msg: Outgoing, seq: int, body: bytes, size: int) -> None:
-        now = self._clock_ms()
-        self._db.execute(_INSERT, (seq, msg.kind.value, DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos,
-                                   int(msg.retain), msg.correlation, now, size))
+        row = (seq, msg.kind.value, DROP_PRIORITY[msg.kind], msg.topic, body, msg.qos, int(msg.retain),
+               msg.correlation, self._clock_ms(), size)
+        self._db.execute(_INSERT, row)
         self._rows += 1
         self._bytes += size
-        self._tail_add(OutboxRow(seq, seq, msg.kind, msg.topic, body, msg.qos, msg.retain, msg.correlation,
-                                 now))
+        self._tail_add((row,))
 
     def _make_room(self, size: int, prio: int) -> bool:
         """Drop queued rows until `size` more bytes and one more row fit; False when the
@@ -395,9 +407,11 @@ class Outbox:
         tail = self._tail
         if after_row_id >= self._tail_after:
             # Rows at or below the cursor are behind every reader that keeps up: let them go.
-            while tail and tail[0].row_id <= after_row_id:
-                self._tail_after = tail.popleft().row_id
-            return [tail[i] for i in range(min(limit, len(tail)))]
+            while tail and tail[0][0] <= after_row_id:
+                self._tail_after = tail.popleft()[0]
+            kinds = _KINDS
+            return [OutboxRow(r[0], r[0], kinds[r[1]], r[3], r[4], r[5], bool(r[6]), r[7], r[8])
+                    for r in itertools.islice(tail, limit)]
         return self._peek_file(after_row_id, limit)
 
     def _peek_file(self, after_row_id: int, limit: int) -> list[OutboxRow]:
@@ -452,10 +466,10 @@ class Outbox:
         if not tail:
             return
         gone = set(row_ids)
-        while tail and tail[0].row_id in gone:
-            gone.discard(tail.popleft().row_id)
-        if gone and tail and max(gone) >= tail[0].row_id:
-            self._tail = deque(r for r in tail if r.row_id not in gone)
+        while tail and tail[0][0] in gone:
+            gone.discard(tail.popleft()[0])
+        if gone and tail and max(gone) >= tail[0][0]:
+            self._tail = deque(r for r in tail if r[0] not in gone)
 
     # -- drop reporting -------------------------------------------------------------------
     def drop_report(self) -> DropReport | None:

@@ -1,19 +1,26 @@
-# The gateway link over the OCPP-like CBOR message set (firmware/messages.py), on a
-# serial line or as a TCP server the gateway connects to (firmware/cbor_tcp.py, which reads
-# and writes the link's transport state, _out and accepted). Only loaded when the config's
-# link mode is cbor-serial or cbor-tcp. The column announces itself (BootNotification),
-# keeps the gateway informed (StatusNotification on change, MeterValues periodically,
-# Start/StopTransaction from session events, Heartbeat) and serves the gateway's calls.
-# Payloads are built as dict(name=value): their keys are then interned names, shared with
-# firmware/messages.py, instead of string objects each module would keep its own copy of.
-from .cbor_link import Link
+# The gateway link over the OCPP-like CBOR message set (firmware/msg_link.py), on a serial
+# line or as a TCP server the gateway connects to (firmware/cbor_tcp.py, which reads and
+# writes the link's transport state, _out and accepted). Only loaded when the config's link
+# mode is cbor-serial or cbor-tcp, after firmware/cbor_wire.py and msg_link.py. The column
+# announces itself (BootNotification), keeps the gateway informed (StatusNotification on
+# change, MeterValues periodically, Start/StopTransaction from session events, Heartbeat)
+# and serves the gateway's calls. Payloads are built as dict(name=value): their keys are
+# then interned names, shared with msg_link.py's contract, instead of string objects.
 from .clock import elapsed_ms
-from .config_runtime import change
-from .messages import MessageError
+from .msg_link import _TEXTS, Link, MessageError, _error
 from .status_names import CP_NAMES, ERROR_NAMES, LIMIT_SOURCE_NAMES, STATUS_NAMES, STOP_NAMES
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
+if 0:  # never runs: interned names for these literals, not heap strings (see msg_link.py)
+    BootNotification = StatusNotification = MeterValues = StartTransaction = StopTransaction = 0
+    heartbeatIntervalS = requestedMessage = SecurityError = GenericError = NotSupported = 0
+    RebootRequired = configError = unconfigured = bus_address = hardware_rating_a = 0
+
+# The column's own answers are the last two of msg_link._TEXTS (one string for every text
+# of the link: an object each would cost more), there _T_NOT_ACCEPTED and _T_CONFIG_INVALID.
+_T_NOT_ACCEPTED = const(19)
+_T_CONFIG_INVALID = const(20)
 _BOOT_RETRY_FIRST_MS = const(1000)  # a boot nobody answered is sent again after 1 s ...
 _BOOT_RETRY_MAX_MS = const(30000)   # ... doubling up to 30 s (a gateway that opens late)
 _MAX_HELD_EVENTS = const(8)         # session events kept while the gateway is not there
@@ -23,9 +30,6 @@ _MV_CHANGE_DA = const(10)      # a phase current moved this much (1 A): MeterVal
 _EV_START = const(1)           # firmware.session.EV_SESSION_START
 _EV_STOP = const(2)            # firmware.session.EV_SESSION_STOP
 _RX_CHUNK = const(64)          # bytes read from the serial line at a time
-
-if 0:  # never runs: interned names for these literals, not heap strings (see messages.py)
-    unconfigured = bus_address = RebootRequired = 0
 
 
 class CborLink:
@@ -40,7 +44,8 @@ class CborLink:
         self._boot_ms = None
         self._boot_wait_ms = _BOOT_RETRY_FIRST_MS
         self._boot_id = None
-        self._held = []             # session events not yet told to the gateway (bounded)
+        # Queues kept as tuples: the empty one is shared, so an idle column holds no list.
+        self._held = ()             # session events not yet told to the gateway (bounded)
         self.events_dropped = 0     # held events lost to the bound (energy is on flash anyway)
         self._heartbeat_ms = 60000
         self._hb_sent_ms = 0
@@ -48,7 +53,7 @@ class CborLink:
         self._mv_current_da = None  # the phase currents of the last real reading that went out
         self._status = None         # (status, error, cp, source, offered, sent_ms) last reported
         self._seq = 0
-        self._triggered = []        # messages asked for by TriggerMessage, sent after its result
+        self._triggered = ()        # messages asked for by TriggerMessage, sent after its result
 
     # -- transport side ------------------------------------------------------------------
     def _write(self, data):
@@ -57,9 +62,10 @@ class CborLink:
         self._out(data)
 
     def connected(self, write, now_ms):
-        """A transport is up (write(bytes) sends): boot again on it."""
+        """A transport is up (write(bytes) sends): boot again on it, with no partial frame
+        of the last connection (pending calls run to their timeout)."""
         self._out = write
-        self.link.reset()
+        self.link.reader.reset()
         self.accepted = False
         self._boot_ms = None
         self._boot_wait_ms = _BOOT_RETRY_FIRST_MS
@@ -83,11 +89,15 @@ class CborLink:
                 self._boot_ms = now_ms
                 self._send("BootNotification", now_ms)
             return
-        while self._held and link.pending_calls() < 2:  # leave room for our own calls
-            kind, session_id, energy_wh, reason = self._held.pop(0)
+        pending = link._pending
+        while self._held and len(pending) - pending.count(None) < 2:  # leave room for our own calls
+            kind, session_id, energy_wh, reason = self._held[0]
+            self._held = self._held[1:]
             self.on_event(kind, session_id, energy_wh, reason, now_ms)  # told now: accepted
         while self._triggered:
-            self._send(self._triggered.pop(0), now_ms)
+            action = self._triggered[0]
+            self._triggered = self._triggered[1:]
+            self._send(action, now_ms)
         if elapsed_ms(now_ms, self._hb_sent_ms) >= self._heartbeat_ms:
             self._send("Heartbeat", now_ms)
         ctl = self.app.ctl
@@ -115,10 +125,11 @@ class CborLink:
         if kind != _EV_START and kind != _EV_STOP:
             return
         if self._out is None or not self.accepted:
-            if len(self._held) >= _MAX_HELD_EVENTS:
-                self._held.pop(0)
+            held = self._held
+            if len(held) >= _MAX_HELD_EVENTS:
+                held = held[1:]
                 self.events_dropped += 1
-            self._held.append((kind, session_id, energy_wh, reason))
+            self._held = held + ((kind, session_id, energy_wh, reason),)
         elif kind == _EV_START:
             self.link.call("StartTransaction", dict(sessionId=session_id, meterStartWh=energy_wh),
                            now_ms)
@@ -141,8 +152,11 @@ class CborLink:
                 self._boot_ms = None
                 return
             # A boot nobody answered is replaced, not stacked: stale boots would fill the
-            # link's few pending-call slots and crowd out everything after acceptance.
-            self.link.forget(self._boot_id)
+            # link's few pending-call slots and crowd out everything after acceptance. Its
+            # slot frees without a callback (a late answer then counts as unmatched).
+            i = self.link._slot(self._boot_id)
+            if i >= 0:
+                self.link._pending[i] = None
             cfg = app.cfg
             phases = cfg.get("phases", 3)
             payload = dict(columnId=str(cfg.get("column_id", "unconfigured")),
@@ -203,16 +217,16 @@ class CborLink:
         app = self.app
         ctl = app.ctl
         if "requestedMessage" in payload:
-            self._triggered.append(payload["requestedMessage"])
+            self._triggered += (payload["requestedMessage"],)
             return dict(status="Accepted")
         if "limitA" in payload or "type" in payload or "key" in payload:
             # A column with a broken config takes no limit, config write or reset; config
             # writes and resets come only from the gateway that accepted our boot on this
             # connection (see firmware.md).
             if "limitA" not in payload and not self.accepted:
-                raise MessageError("SecurityError", "BootNotification not accepted on this link")
+                raise _error(_T_NOT_ACCEPTED, "SecurityError")
             if app.config_errors:
-                raise MessageError("GenericError", "column configuration invalid: " +
+                raise MessageError("GenericError", _TEXTS.split("|")[_T_CONFIG_INVALID] +
                                    "; ".join(app.config_errors)[:120])
         if "limitA" in payload:
             ctl.heartbeat(now_ms)
@@ -228,9 +242,24 @@ class CborLink:
         if "key" in payload:
             # Only the keys of config_runtime.RUN_TIME, checked against the config the column
             # booted with (valid, or the call was refused): not the whole validator, which a
-            # running column no longer has room for.
+            # running column no longer has room for. config_runtime is loaded for the call
+            # and unloaded after it (as gw_modbus.py does with the validator), so a running
+            # column holds no code for a write it rarely gets.
+            import sys
+
             key = payload["key"]
-            new = change(app.config_path, app.cfg, key, payload["value"])
+            loaded = "firmware.config_runtime" in sys.modules
+            from firmware.config_runtime import change
+
+            try:
+                new = change(app.config_path, app.cfg, key, payload["value"])
+            finally:
+                if not loaded:
+                    import firmware
+
+                    del sys.modules["firmware.config_runtime"]
+                    if hasattr(firmware, "config_runtime"):
+                        delattr(firmware, "config_runtime")
             if new is None:
                 return dict(status="NotSupported")  # ratings above all
             if not new:

@@ -1,12 +1,20 @@
-# The same register map over Modbus TCP: MBAP framing around the RTU slave's `respond`.
-# A `ModbusTcpConnection` per client holds that client's bytes (pure, no I/O); replies are
-# made in the slave's own reply buffer, shared by every connection. serve_tcp() serves a
-# column's ModbusLink with one per connection on firmware/tcp_link.py; scripts and tests
-# also use the poll loop in modbus_tcp_serve.py, which a board never loads. Only a
-# modbus-tcp board loads this module (firmware/links.py).
+# The same register map over Modbus TCP: MBAP framing around the RTU slave's `respond`,
+# and the column's server. A `ModbusTcpConnection` frames a stream's bytes (pure, no I/O);
+# replies are made in the slave's own reply buffer. serve_tcp() serves a column's
+# ModbusLink with ONE task and ONE frame buffer for all its connections (a task, coroutine
+# and buffer per connection cost about 1 KB of RAM each): every _POLL_MS it accepts a
+# waiting connection and answers what each one sent, as the RTU server polls its UART,
+# allocating nothing unless a connection opens, closes or leaves bytes behind (MicroPython's
+# asyncio lets a task wait on one socket at a time). Under CPython (tests, a CPython
+# column farm) it waits on the loop's selector instead (tcp_link_cpython.py,
+# never on a board). Scripts and tests also use the blocking poll loop in
+# modbus_tcp_serve.py, which a board never loads. Only a modbus-tcp board loads this module
+# (firmware/links.py).
 # Unit ids: the column's bus address or 0xFF address the column; unit 0 is a broadcast as
 # on the RTU bus (limit table only, no reply).
-from . import tcp_link
+import asyncio
+import socket
+
 from .modbus_slave import EX_ILLEGAL_VALUE, exception_pdu, put_u16, u16
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
@@ -19,6 +27,34 @@ CLOSE = const(-2)
 # Connections served at once; a new one beyond closes the oldest (a gateway that restarted
 # without closing its connection left it open here: a column only writes when asked).
 _MAX_CLIENTS = const(4)
+_POLL_MS = const(5)    # between two passes over the port and the connections (a board)
+_READS = const(4)      # reads of one connection per pass: a flood must not hold the loop
+
+try:
+    from asyncio import sleep_ms  # MicroPython
+except ImportError:  # CPython (tests, the HIL's column farm): never on a board
+    from .tcp_link_cpython import accept, idle, poller
+else:
+    import select
+
+    def poller(lsock):
+        """What accept() asks: a non-blocking accept() with no connection waiting would
+        raise, and an exception allocates."""
+        p = select.poll()
+        p.register(lsock, select.POLLIN)
+        return p
+
+    def accept(lsock, ready):
+        """A waiting connection's socket, non-blocking; None when there is none."""
+        for _ in ready.ipoll(0):
+            sock = lsock.accept()[0]
+            sock.setblocking(False)
+            return sock
+        return None
+
+    def idle(lsock, conns):
+        """Await it: the next pass."""
+        return sleep_ms(_POLL_MS)
 
 
 def mbap_frame_length(buf, n):
@@ -43,52 +79,98 @@ def finish_mbap(out, tid, unit, pdu_len):
 
 
 def serve_tcp(link, port, host):
-    """Serve the ModbusLink `link` (firmware/gw_modbus.py) over Modbus TCP on host:port:
-    returns the server task (firmware/tcp_link.py)."""
-    return tcp_link.start(host, port, _MAX_CLIENTS, _client, link, True)
+    """Serve the ModbusLink `link` (firmware/gw_modbus.py) over Modbus TCP on host:port (an
+    OSError here: the port cannot be had): returns the server task, which never ends by
+    itself; cancelling it closes the port and every connection."""
+    addr = socket.getaddrinfo(host, port)[0]
+    lsock = socket.socket(addr[0])
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(addr[-1])
+        lsock.listen(2)
+        lsock.setblocking(False)
+    except BaseException:
+        lsock.close()
+        raise
+    return asyncio.create_task(_serve(lsock, link))
 
 
-async def _client(sock, link):
-    """One connection: its requests read straight into its frame buffer, each reply sent
-    whole before the next request is read. Ends at the peer's close, a socket error or a
-    header that makes the stream unusable (counted in bad_header), closing sock."""
-    conn = ModbusTcpConnection(link.slave)
+async def _serve(lsock, link):
+    # Every connection's requests pass through the one buffer of `fr`; a reply is sent
+    # whole before that connection's next request is handled or more is read, and nothing
+    # waits for a socket: a reply its peer does not take yet waits as a copy in conn[1]
+    # (fr.out is every connection's), with the bytes behind it in conn[2], and that
+    # connection is not read meanwhile. One coroutine frame for all of it: a function with
+    # this many locals would take its frame from the heap at every call, every pass.
+    fr = ModbusTcpConnection(link.slave)
     clock = link.app.clock
+    conns = []   # [socket, unsent reply or None, bytes held or None], oldest first
+    ready = poller(lsock)
     try:
         while True:
-            n = tcp_link.recv(sock, conn.room())
-            if n is None:
-                await tcp_link.wait(sock, 0)
-                continue
-            if not n:
-                return
-            conn.filled(n)
-            while True:
-                r = conn.next_reply(clock.ticks_ms())
-                if r == NEED_MORE:
-                    break
-                if r == CLOSE:
-                    return
-                out = memoryview(conn.out)[0:r]
-                while out:
-                    n = tcp_link.send(sock, out)
+            try:
+                sock = accept(lsock, ready)
+            except OSError:   # gone before it was taken
+                sock = None
+            if sock is not None:
+                if len(conns) >= _MAX_CLIENTS:
+                    conns.pop(0)[0].close()
+                conns.append([sock, None, None])
+            i = 0
+            while i < len(conns):
+                conn = conns[i]
+                sock = conn[0]
+                alive = True
+                try:
+                    n = conn[1]
+                    if n is not None:
+                        r = sock.write(n)
+                        if r is not None:
+                            n = conn[1] = n[r:] if r < len(n) else None
                     if n is None:
-                        # The reply buffer is every connection's: a reply that must wait for
-                        # its socket (a peer that does not read) waits as a copy.
-                        out = bytes(out)
-                        await tcp_link.wait(sock, 1)
-                    else:
-                        out = out[n:]
-    except Exception:  # reset by the peer, ...: this connection ends, the link goes on
-        pass
+                        fr.resume(conn[2])
+                        reads = _READS
+                        while True:
+                            r = fr.next_reply(clock.ticks_ms()) if fr._n else NEED_MORE
+                            if r == NEED_MORE:
+                                if not reads:
+                                    break
+                                reads -= 1
+                                n = sock.readinto(fr.room())
+                                if n is None:
+                                    break
+                                if not n:   # the peer closed
+                                    alive = False
+                                    break
+                                fr.filled(n)
+                            elif r == CLOSE:   # a bad header (counted in fr.bad_header)
+                                alive = False
+                                break
+                            elif r:
+                                n = sock.write(fr.out, r) or 0
+                                if n < r:
+                                    conn[1] = fr.out[n:r]
+                                    break
+                        conn[2] = fr.rest()
+                except Exception:   # reset by the peer, ...
+                    alive = False
+                if alive:
+                    i += 1
+                else:
+                    conns.pop(i)
+                    sock.close()
+            await idle(lsock, conns)
     finally:
-        sock.close()
+        lsock.close()
+        for conn in conns:
+            conn[0].close()
 
 
 class ModbusTcpConnection:
-    """One client's stream: its bytes go in through room() and filled() (or, on the host,
+    """A client's stream: its bytes go in through room() and filled() (or, on the host,
     modbus_tcp_serve.feed()), then next_reply() until NEED_MORE. A frame leaves the buffer
-    once it is answered."""
+    once it is answered. The column's server passes every connection through one of them
+    (resume() and rest())."""
 
     def __init__(self, slave):
         self.slave = slave
@@ -101,10 +183,27 @@ class ModbusTcpConnection:
     def room(self):
         """The free end of the frame buffer, to read into; then filled(n). Never empty
         after next_reply() said NEED_MORE: a full buffer holds a whole frame."""
-        return self.frame[self._n:]
+        return self.frame[self._n:] if self._n else self.frame
 
     def filled(self, n):
         self._n += n
+
+    def rest(self):
+        """The bytes held (a request not yet whole, or not yet answered) as a copy, None
+        when there are none; the buffer is empty after."""
+        n = self._n
+        self._n = 0
+        return bytes(self.frame[0:n]) if n else None
+
+    def resume(self, held):
+        """Hold `held` (from rest(), or None) again, ahead of the bytes read next."""
+        n = 0
+        if held is not None:
+            n = len(held)
+            buf = self.frame
+            for i in range(n):
+                buf[i] = held[i]
+        self._n = n
 
     def next_reply(self, now_ms):
         """Handle the next complete frame: reply length in `out` (0 = no reply), NEED_MORE

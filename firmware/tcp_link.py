@@ -3,9 +3,11 @@
 # in RAM. A task waits for its socket as MicroPython's streams do, on the asyncio core's
 # I/O queue; under CPython (tests, the HIL's column farm) on the running loop's selector
 # (tcp_link_cpython.py, which firmware_build leaves out of a board's bundle).
-# Modbus TCP (firmware/modbus_tcp.py) and the CBOR link (firmware/gw_cbor.py) serve their
-# connections with it, each reading into its own preallocated buffer. A connection is one
-# task and its own frame (a suspended call costs RAM: no helper coroutines between).
+# The CBOR link over TCP (firmware/cbor_tcp.py) serves its connection with it, reading into
+# its own preallocated buffer. A connection is one task and its own frame (a suspended call
+# costs RAM: no helper coroutines between). Modbus TCP, with up to four connections, serves
+# them all from one task instead (firmware/modbus_tcp.py), so a modbus-tcp board does not
+# carry this module.
 import asyncio
 import socket
 

@@ -293,7 +293,7 @@ def test_a_stale_partial_frame_is_given_up_when_the_line_goes_quiet():
 def test_reset_drops_a_partial_frame_of_a_closed_connection():
     c = Column()
     c.link.on_bytes(RESET_CALL[:10], 0)
-    c.link.reset()
+    c.link.reader.reset()
     c.link.on_bytes(RESET_CALL, 1)
     assert c.seen == [("Reset", {"type": "Soft"}, 1)] and c.link.reader.bad_crc == 0
 

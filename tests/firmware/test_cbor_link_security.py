@@ -7,6 +7,7 @@
 import json
 
 import machine
+from fwtest import IS_MICROPYTHON
 
 from firmware import app as firmware_app
 from firmware import cbor
@@ -79,6 +80,7 @@ def test_cbor_config_writes_and_resets_wait_for_an_accepted_boot():
                             ("Reset", {"type": "Hard"})):
         answer = gw.call(action, payload)
         assert answer[0] == 4 and answer[2] == "SecurityError", answer
+        assert answer[3] == "BootNotification not accepted on this link", answer
     assert _file() == text and not app._reset_requested
     assert app.ctl.limits.failsafe_da == 100
     gw.boot({"status": "Rejected", "heartbeatIntervalS": 60, "currentTimeMs": 0})
@@ -110,6 +112,25 @@ def test_cbor_after_an_accepted_boot_only_the_four_keys_change_and_never_past_th
     assert gw.call("Reset", {"type": "Hard"})[2] == {"status": "Accepted"} and app._reset_requested
 
 
+def test_cbor_config_write_rules_are_loaded_only_for_the_call():
+    # A running column holds no config_runtime code: a ChangeConfiguration loads it and lets
+    # it go again (on MicroPython the App's boot unloaded it with the validator), whether the
+    # write is taken or refused.
+    import sys
+
+    app = _app()
+    gw = Gateway(app)
+    gw.boot(ACCEPTED)
+    was = "firmware.config_runtime" in sys.modules
+    for value, status in ((8, "Accepted"), (3, "Rejected")):
+        answer = gw.call("ChangeConfiguration", {"key": "failsafe_a", "value": value})
+        assert answer[2] == {"status": status}, answer
+        assert ("firmware.config_runtime" in sys.modules) == was
+    assert json.loads(_file())["failsafe_a"] == 8
+    if IS_MICROPYTHON:
+        assert not was  # the boot-time validator took it along when it was unloaded
+
+
 def test_cbor_trust_ends_with_the_connection_and_with_a_new_boot():
     app = _app()
     gw = Gateway(app)
@@ -134,5 +155,5 @@ def test_cbor_a_column_with_a_broken_config_takes_no_config_write_and_no_reset()
                             ("SetChargingLimit", {"limitA": 16, "validityS": 60})):
         answer = gw.call(action, payload)
         assert answer[0] == 4 and answer[2] == "GenericError", answer
-        assert "installation_rating_a: 40 is above" in answer[3]
+        assert answer[3].startswith("column configuration invalid: installation_rating_a: 40 is above")
     assert _file() == text and not app._reset_requested

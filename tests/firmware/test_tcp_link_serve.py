@@ -1,10 +1,13 @@
-# The column's TCP links over real loopback sockets (firmware/tcp_link.py): Modbus TCP and the
-# CBOR link served by the app's own wiring, with the gateway's end played by plain
-# non-blocking sockets in the same asyncio loop. A reply for every request, split or joined;
-# a bad header closes that connection only; beyond the client limit the oldest Modbus
-# connection gives way and a second CBOR gateway is turned away; a gateway that stops
-# reading loses the link instead of filling the column's RAM; cancelling the server closes
-# the port and its connections. Runs under CPython and MicroPython.
+# The column's TCP links over real loopback sockets: Modbus TCP (firmware/modbus_tcp.py's
+# server) and the CBOR link (firmware/tcp_link.py's, which cbor_tcp.py uses) served by the
+# app's own wiring, with the gateway's end played by plain non-blocking sockets in the same
+# asyncio loop. A reply for every request, split or joined, and for each connection its
+# own while the Modbus connections share one frame buffer; a bad header closes that
+# connection only; beyond the client limit the oldest Modbus connection gives way and a
+# second CBOR gateway is turned away; a gateway that stops reading loses the link instead
+# of filling the column's RAM; cancelling the server closes the port and its connections.
+# Runs under CPython and MicroPython. (The Modbus server with stand-in sockets:
+# test_modbus_tcp_server.py.)
 import asyncio
 import json
 
@@ -166,70 +169,22 @@ def test_cancelling_the_server_closes_the_port_and_its_connections():
     _run("modbus-tcp", body)
 
 
-class _Peer:
-    """A connection's socket as modbus_tcp sees it through tcp_link (patched below): the
-    bytes it will read, what it sent, and how many sends take nothing (a peer not reading)."""
+def test_modbus_connections_share_one_frame_buffer_without_mixing_requests():
+    """A request split across passes on one connection, with another connection's whole
+    requests answered in between: each gets its own replies."""
+    async def body(app, port, server, connect):
+        a = connect(port)
+        b = connect(port)
+        a.send(READ_VERSION[:9])
+        await asyncio.sleep(0.05)
+        b.send(READ_VERSION + READ_VERSION[:3])
+        assert await _read(b, 11) == (_version_reply(app), False)
+        a.send(READ_VERSION[9:] + READ_VERSION)
+        b.send(READ_VERSION[3:])
+        assert await _read(a, 22) == (_version_reply(app) * 2, False)
+        assert await _read(b, 11) == (_version_reply(app), False)
 
-    def __init__(self, inbox, stalls):
-        self.inbox = inbox
-        self.stalls = stalls
-        self.sent = b""
-        self.closed = False
-
-    def close(self):
-        self.closed = True
-
-
-def test_a_modbus_reply_waiting_for_its_socket_keeps_its_bytes():
-    """Every connection's replies are made in the slave's one reply buffer: a reply that
-    has to wait (its socket takes nothing) must not be overwritten by another connection's
-    reply made meanwhile."""
-    from firmware import modbus_tcp, tcp_link
-
-    def recv(sock, buf):
-        n = len(sock.inbox)
-        if not n:
-            return 0 if sock.stalls < 0 else None
-        buf[0:n] = sock.inbox
-        sock.inbox = b""
-        return n
-
-    def send(sock, data):
-        if sock.stalls > 0:
-            sock.stalls -= 1
-            return None
-        sock.sent += bytes(data)
-        sock.stalls = -1     # answered: the peer closes after reading it
-        return len(data)
-
-    async def wait(sock, out):
-        await asyncio.sleep(0.01)
-
-    saved = (tcp_link.recv, tcp_link.send, tcp_link.wait)
-    tcp_link.recv, tcp_link.send, tcp_link.wait = recv, send, wait
-    try:
-        machine.board.clear()
-        with open("column.json", "w") as f:
-            f.write(json.dumps(dict(BASE, link={"mode": "modbus-tcp", "tcp_port": 1, "host": "127.0.0.1"})))
-        app = firmware_app.App(machine, "column.json", use_wdt=False, log=lambda *a: None)
-        link = wiring.link(app, "modbus-tcp")
-        link.refresh(clock.ticks_ms())
-        slow = _Peer(READ_VERSION, 3)                       # its reply waits three times
-        other = bytes([0, 7, 0, 0, 0, 6, 4, 4, 0, regmap.IR_BUS_ADDRESS, 0, 1])
-        fast = _Peer(other, 0)
-
-        async def main():
-            a = asyncio.create_task(modbus_tcp._client(slow, link))
-            await asyncio.sleep(0)
-            b = asyncio.create_task(modbus_tcp._client(fast, link))
-            await asyncio.gather(a, b)
-
-        asyncio.run(main())
-    finally:
-        tcp_link.recv, tcp_link.send, tcp_link.wait = saved
-    assert fast.sent == bytes([0, 7, 0, 0, 0, 5, 4, 4, 2, 0, 4])   # bus address 4
-    assert slow.sent == _version_reply(app)
-    assert slow.closed and fast.closed
+    _run("modbus-tcp", body)
 
 
 def _frames(reader, data):

@@ -1,6 +1,6 @@
-"""A board carries the TCP link code of its own link mode only: the TCP server
-(firmware/tcp_link.py) on the TCP modes, Modbus TCP (firmware/modbus_tcp.py) on modbus-tcp,
-and neither on a serial board, whose RAM and flash they would only take."""
+"""A board carries the TCP link code of its own link mode only: Modbus TCP and its server
+(firmware/modbus_tcp.py) on modbus-tcp, the CBOR link's TCP server (firmware/tcp_link.py)
+on cbor-tcp, and neither on a serial board, whose RAM and flash they would only take."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ MODBUS_TCP = "firmware/modbus_tcp.mpy"
 
 @pytest.mark.parametrize(("mode", "tcp_link", "modbus_tcp"), [
     ("modbus-rtu", False, False),
-    ("modbus-tcp", True, True),
+    ("modbus-tcp", False, True),
     ("cbor-serial", False, False),
     ("cbor-tcp", True, False),
 ])

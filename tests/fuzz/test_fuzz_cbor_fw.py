@@ -18,7 +18,7 @@ from fuzz_support import EXAMPLES, Fuzzed, damaged, open_harness
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firmware import cbor, messages
+from firmware import cbor, messages, msg_link
 from firmware.frames import encode_frame
 from fuzz.engine import Finding
 from fuzz.fw import cbor_harness, common
@@ -94,7 +94,7 @@ def test_the_oracle_catches_a_handler_that_skips_validation(fw: Fuzzed,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """An invalid SetChargingLimit that reached the limits would be caught."""
     _target, harness = fw
-    monkeypatch.setattr(messages, "validate_payload", lambda *a, **k: None)
+    monkeypatch.setattr(msg_link, "validate_payload", lambda *a, **k: None)  # the contract the link checks
     call = encode_frame(cbor2.dumps([2, 7, "SetChargingLimit", {"limitA": 500, "validityS": 60}]))
     with pytest.raises(Finding, match="invalid SetChargingLimit"):
         harness.run(common.encode([BOOT, (QUIET, call)]))

@@ -14,9 +14,10 @@ const = int  # MicroPython's compiler folds const() itself; CPython only needs t
 
 VERSION = (0, 1, 0)
 CONTROL_PERIOD_MS = const(10)
-# The period in seconds for asyncio.sleep, made once: a float is a heap object.
-_CONTROL_PERIOD_S = CONTROL_PERIOD_MS / 1000
-_WATCHDOG_PERIOD_S = const(1)  # an int: no float at all
+# The loops sleep with clock.sleep_ms(): asyncio.sleep(s) makes a float (s * 1000) every
+# time on MicroPython, garbage a few hundred times a second.
+_METER_PERIOD_MS = const(2)
+_WATCHDOG_PERIOD_MS = const(1000)
 _T_CONTROL = const(1)
 _T_METER = const(2)
 _T_LINK = const(4)
@@ -106,10 +107,10 @@ class App:
                 self.link.refresh(now)
             self._alive |= _T_CONTROL
             if self._reset_requested:
-                await asyncio.sleep(0.05)  # let the link finish the reply
+                await clock.sleep_ms(50)  # let the link finish the reply
                 self.shutdown(now)
                 hal.reset()
-            await asyncio.sleep(_CONTROL_PERIOD_S)
+            await clock.sleep_ms(CONTROL_PERIOD_MS)
 
     async def meter_task(self, uart):
         meter = self.meter
@@ -121,14 +122,14 @@ class App:
             if n:
                 meter.on_bytes(rx, now, n)
             self._alive |= _T_METER
-            await asyncio.sleep(0.002)
+            await clock.sleep_ms(_METER_PERIOD_MS)
 
     async def watchdog_task(self, expected):
         while True:
             if self._alive & expected == expected:
                 self.hal.feed_watchdog()
                 self._alive = 0
-            await asyncio.sleep(_WATCHDOG_PERIOD_S)
+            await clock.sleep_ms(_WATCHDOG_PERIOD_MS)
 
     def link_alive(self):
         self._alive |= _T_LINK

@@ -1,7 +1,7 @@
 # Millisecond ticks that behave the same on a board, the unix port and CPython.
 # Boards wrap ticks_ms at 2^30 (the unix port at 2^62): compare times only through
-# ticks_diff, never with < on raw values.
-import time
+# ticks_diff, never with < on raw values. Tasks sleep with sleep_ms(int): asyncio.sleep(s)
+# makes a float at every call on MicroPython.
 
 _TICKS_MASK = 0x3FFFFFFF
 _TICKS_HALF = 0x20000000
@@ -18,11 +18,7 @@ def elapsed_ms(now_ms, then_ms):
 
 
 try:
-    ticks_ms = time.ticks_ms
-    ticks_diff = time.ticks_diff
-except AttributeError:  # CPython: monotonic ms, no wrap in practice
-    def ticks_ms():
-        return time.monotonic_ns() // 1000000
-
-    def ticks_diff(a, b):
-        return a - b
+    from asyncio import sleep_ms  # noqa: F401
+    from time import ticks_diff, ticks_ms  # noqa: F401
+except ImportError:  # CPython (firmware/cpython.py: monotonic ms, no wrap in practice)
+    from .cpython import sleep_ms, ticks_diff, ticks_ms  # noqa: F401

@@ -293,4 +293,4 @@ class CborLink:
             while n:
                 self.on_bytes(view[0:n], clock.ticks_ms())
                 n = uart.readinto(rx) if n == _RX_CHUNK else 0  # a full read: more may wait
-            await asyncio.sleep(0.002)
+            await clock.sleep_ms(2)  # an int: asyncio.sleep(s) makes a float every time

@@ -222,7 +222,7 @@ async def serve_rtu(link, uart, de_pin, clock, asyncio, alive, gap_ms=2):
             pending = False
             parser.gap()
             _answer(slave, parser, write, now)
-        await asyncio.sleep(0.001 if pending else 0.002)
+        await clock.sleep_ms(1 if pending else 2)  # ints: asyncio.sleep(s) makes a float
 
 
 def next_reply(slave, parser, now_ms):

@@ -1,21 +1,17 @@
 # The same register map over Modbus TCP: MBAP framing around the RTU slave's `respond`,
 # and the column's server. A `ModbusTcpConnection` frames a stream's bytes (pure, no I/O);
 # replies are made in the slave's own reply buffer. serve_tcp() serves a column's
-# ModbusLink with ONE task and ONE frame buffer for all its connections (a task, coroutine
-# and buffer per connection cost about 1 KB of RAM each): every _POLL_MS it accepts a
-# waiting connection and answers what each one sent, as the RTU server polls its UART,
-# allocating nothing unless a connection opens, closes or leaves bytes behind (MicroPython's
-# asyncio lets a task wait on one socket at a time). Under CPython (tests, a CPython
-# column farm) it waits on the loop's selector instead (tcp_link_cpython.py,
-# never on a board). Scripts and tests also use the blocking poll loop in
-# modbus_tcp_serve.py, which a board never loads. Only a modbus-tcp board loads this module
-# (firmware/links.py).
+# ModbusLink with ONE task and ONE frame buffer for all its connections on the TCP
+# transport (firmware/tcp_link.py): every pass it accepts a waiting connection and answers
+# what each one sent, allocating nothing unless a connection opens, closes or leaves bytes
+# behind. Scripts and tests also use the blocking poll loop in modbus_tcp_serve.py, which a
+# board never loads. Only a modbus-tcp board loads this module (firmware/links.py).
 # Unit ids: the column's bus address or 0xFF address the column; unit 0 is a broadcast as
 # on the RTU bus (limit table only, no reply).
 import asyncio
-import socket
 
 from .modbus_slave import EX_ILLEGAL_VALUE, exception_pdu, put_u16, u16
+from .tcp_link import accept, idle, listen, poller
 
 const = int  # MicroPython's compiler folds const() itself; CPython only needs the name
 
@@ -27,34 +23,7 @@ CLOSE = const(-2)
 # Connections served at once; a new one beyond closes the oldest (a gateway that restarted
 # without closing its connection left it open here: a column only writes when asked).
 _MAX_CLIENTS = const(4)
-_POLL_MS = const(5)    # between two passes over the port and the connections (a board)
 _READS = const(4)      # reads of one connection per pass: a flood must not hold the loop
-
-try:
-    from asyncio import sleep_ms  # MicroPython
-except ImportError:  # CPython (tests, the HIL's column farm): never on a board
-    from .tcp_link_cpython import accept, idle, poller
-else:
-    import select
-
-    def poller(lsock):
-        """What accept() asks: a non-blocking accept() with no connection waiting would
-        raise, and an exception allocates."""
-        p = select.poll()
-        p.register(lsock, select.POLLIN)
-        return p
-
-    def accept(lsock, ready):
-        """A waiting connection's socket, non-blocking; None when there is none."""
-        for _ in ready.ipoll(0):
-            sock = lsock.accept()[0]
-            sock.setblocking(False)
-            return sock
-        return None
-
-    def idle(lsock, conns):
-        """Await it: the next pass."""
-        return sleep_ms(_POLL_MS)
 
 
 def mbap_frame_length(buf, n):
@@ -82,17 +51,7 @@ def serve_tcp(link, port, host):
     """Serve the ModbusLink `link` (firmware/gw_modbus.py) over Modbus TCP on host:port (an
     OSError here: the port cannot be had): returns the server task, which never ends by
     itself; cancelling it closes the port and every connection."""
-    addr = socket.getaddrinfo(host, port)[0]
-    lsock = socket.socket(addr[0])
-    try:
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind(addr[-1])
-        lsock.listen(2)
-        lsock.setblocking(False)
-    except BaseException:
-        lsock.close()
-        raise
-    return asyncio.create_task(_serve(lsock, link))
+    return asyncio.create_task(_serve(listen(host, port), link))
 
 
 async def _serve(lsock, link):
@@ -108,10 +67,7 @@ async def _serve(lsock, link):
     ready = poller(lsock)
     try:
         while True:
-            try:
-                sock = accept(lsock, ready)
-            except OSError:   # gone before it was taken
-                sock = None
+            sock = accept(lsock, ready)
             if sock is not None:
                 if len(conns) >= _MAX_CLIENTS:
                     conns.pop(0)[0].close()

@@ -1,13 +1,14 @@
 # The column's TCP links over real loopback sockets: Modbus TCP (firmware/modbus_tcp.py's
-# server) and the CBOR link (firmware/tcp_link.py's, which cbor_tcp.py uses) served by the
-# app's own wiring, with the gateway's end played by plain non-blocking sockets in the same
-# asyncio loop. A reply for every request, split or joined, and for each connection its
-# own while the Modbus connections share one frame buffer; a bad header closes that
+# server) and the CBOR link (firmware/cbor_tcp.py's), both on the TCP transport
+# (firmware/tcp_link.py), served by the app's own wiring, with the gateway's end played by
+# plain non-blocking sockets in the same asyncio loop. A reply for every request, split or
+# joined, and for each connection its own while the Modbus connections share one frame
+# buffer; a bad header closes that
 # connection only; beyond the client limit the oldest Modbus connection gives way and a
 # second CBOR gateway is turned away; a gateway that stops reading loses the link instead
 # of filling the column's RAM; cancelling the server closes the port and its connections.
-# Runs under CPython and MicroPython. (The Modbus server with stand-in sockets:
-# test_modbus_tcp_server.py.)
+# Runs under CPython and MicroPython. (The servers with stand-in sockets:
+# test_modbus_tcp_server.py, test_cbor_tcp_server.py.)
 import asyncio
 import json
 

@@ -142,25 +142,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_drop_order ON outbox (prio, id) WHERE prio > 0;
 """
-_MIGRATE_1 = """
-ALTER TABLE outbox RENAME TO outbox_1;
-DROP INDEX outbox_drop_order;
-CREATE TABLE outbox (
-    id INTEGER PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    prio INTEGER NOT NULL,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    retain INTEGER NOT NULL,
-    correlation BLOB,
-    enqueued_ms INTEGER NOT NULL,
-    size INTEGER NOT NULL
-);
+# Schema 1 -> 2: the old table is set aside, _SCHEMA makes the new one, the rows move over.
+_MIGRATE_1_BEFORE = "ALTER TABLE outbox RENAME TO outbox_1; DROP INDEX outbox_drop_order"
+_MIGRATE_1_AFTER = """
 INSERT INTO outbox SELECT seq, seq, kind, prio, topic, payload, qos, retain, correlation, enqueued_ms, size
     FROM outbox_1 ORDER BY id;
-DROP TABLE outbox_1;
+DROP TABLE outbox_1
 """
 _COLUMNS = "id, seq, kind, topic, payload, qos, retain, correlation, enqueued_ms"
 _VICTIM = "id, seq, kind, prio, size"   # what the drop policy reads of a row
@@ -169,6 +156,13 @@ _INSERT = ("INSERT INTO outbox (id, seq, kind, prio, topic, payload, qos, retain
 _KINDS = {k.value: k for k in MessageKind}
 # A row as inserted: (id = seq, kind, prio, topic, payload, qos, retain, correlation, enqueued_ms, size).
 _Row = tuple[int, str, int, str, bytes, int, int, bytes | None, int, int]
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Each statement of `script` inside the caller's transaction (executescript would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
 
 
 def _stamp(body: bytes, seq: int) -> bytes:
@@ -223,14 +217,13 @@ class Outbox:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise OutboxError(f"{self.path}: schema {version} is newer than this gateway's")
-            if version == 1:   # what is queued stays queued, in its order, with its seqs
-                for statement in _MIGRATE_1.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+            # What a schema 1 file holds stays queued, in its order, with its seqs.
+            migrate = version == 1
+            _run_script(db, _MIGRATE_1_BEFORE if migrate else "")
+            _run_script(db, _SCHEMA)
+            if migrate:
+                _run_script(db, _MIGRATE_1_AFTER)
                 log.info("outbox %s: schema 1 migrated to %d", self.path, SCHEMA_VERSION)
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
@@ -310,20 +303,15 @@ class Outbox:
         seq = first
         kind: MessageKind | None = None
         value, prio = "", 0
-        max_bytes = self.max_bytes
         for msg, unstamped in zip(messages, bodies, strict=True):   # thousands a second: lean
             if msg.kind is not kind:   # (a batch is mostly of one kind; an enum hashes in Python)
                 kind = msg.kind
                 value, prio = kind.value, DROP_PRIORITY[kind]
             body = _stamp(unstamped, seq)
-            topic, correlation = msg.topic, msg.correlation
-            size = len(body) + (len(topic) if topic.isascii() else len(topic.encode()))
-            if correlation is not None:
-                size += len(correlation)
-            if size > max_bytes:
-                raise ValueError(f"message of {size} bytes is larger than the outbox ({max_bytes})")
+            size = self._size(msg, body)
             total += size
-            rows.append((seq, value, prio, topic, body, msg.qos, int(msg.retain), correlation, now, size))
+            rows.append((seq, value, prio, msg.topic, body, msg.qos, int(msg.retain), msg.correlation, now,
+                         size))
             seq += 1
         n = len(rows)
         if self._rows + n > self.max_rows or self._bytes + total > self.max_bytes:
@@ -343,7 +331,10 @@ class Outbox:
         return seq
 
     def _size(self, msg: Outgoing, body: bytes) -> int:
-        size = len(body) + len(msg.topic.encode()) + len(msg.correlation or b"")
+        topic, correlation = msg.topic, msg.correlation
+        size = len(body) + (len(topic) if topic.isascii() else len(topic.encode()))   # (isascii: O(1))
+        if correlation is not None:
+            size += len(correlation)
         if size > self.max_bytes:
             raise ValueError(f"message of {size} bytes is larger than the outbox ({self.max_bytes})")
         return size

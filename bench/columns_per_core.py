@@ -425,7 +425,7 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
                      f"collections (by generation {', '.join(str(c) for c in gc_top['collections'])}) took "
                      f"{100 * sum(gc_top['s']) / top['window_s']:.1f} % of a core, the longest "
                      f"{gc_top['max_ms']} ms (the loop held: poll lateness); a gateway process freezes its "
-                     "long-lived objects once ready (gc.freeze, gateway.service.settle_collector) and "
+                     "long-lived objects once ready (gc.freeze, gateway.service.settle_process) and "
                      "collects its young generation after 10,000 net allocations.")
     if r["memory_per_column_kb"] is not None:
         notes.append(f"Memory: {r['memory_per_column_kb']} KB of RSS per column (slope over the same steps).")

@@ -39,7 +39,7 @@ from typing import Any
 from gateway.config import load_config
 from gateway.north.mqtt_client import MqttConnection
 from gateway.north.publisher import Publisher
-from gateway.service import GatewayService, _Step, settle_collector
+from gateway.service import GatewayService, _Step, settle_process
 from gateway.south.schedule import Due, PollSchedule
 
 DRAIN_WAIT_S = 30.0   # at most this long for the start's outbox backlog before the window
@@ -221,7 +221,7 @@ def _counters(service: GatewayService) -> tuple[int, int, int, int, int]:
 async def measure(service: GatewayService, settle_s: float, window_s: float, online_timeout_s: float,
                   profile: cProfile.Profile | None) -> dict[str, Any]:
     await asyncio.wait_for(service.ready.wait(), 60)
-    settle_collector()   # as `python -m gateway run` does once the service is ready
+    settle_process()   # as `python -m gateway run` does once the service is ready
     t0 = time.monotonic()
     n = len(service.views)
     while sum(1 for v in service.views.values() if v.online) < n and time.monotonic() - t0 < online_timeout_s:

@@ -71,7 +71,7 @@ def check_config_command(path: Path) -> int:
 
 
 async def _serve(config: GatewayConfig) -> None:
-    from gateway.service import GatewayService, settle_collector
+    from gateway.service import GatewayService, settle_process
 
     service = GatewayService(config)
     loop = asyncio.get_running_loop()
@@ -80,7 +80,7 @@ async def _serve(config: GatewayConfig) -> None:
 
     async def when_ready() -> None:
         await service.ready.wait()
-        settle_collector()
+        settle_process()
 
     settle = asyncio.create_task(when_ready())
     try:

@@ -418,7 +418,8 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
             f"{names.get(k, k)} {v} µs" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])) + ". "
             f"Measured in a second window with timers around those parts: it ran at "
             f"{100 * top['cpu_fraction_timed']:.1f} % CPU against the verdict's window's "
-            f"{100 * top['cpu_fraction']:.1f} % (the timers' own cost, in the rest).")
+            f"{100 * top['cpu_fraction']:.1f} % (the timers' own cost, in the rest, and whatever "
+            "changed between the two windows: near a core, a backlog grows).")
     gc_top = top.get("gc")
     if gc_top:
         notes.append(f"Garbage collector at {top['columns']} columns: {sum(gc_top['collections'])} "

@@ -21,3 +21,17 @@ def approx(a, b, tol=1e-6):
 def hexbytes(text):
     """b'...' from '01 04 00 00' so tests can quote wire frames as hex."""
     return bytes(int(h, 16) for h in text.split())
+
+
+def cbor_frames(reader, data):
+    """The CBOR messages in `data`, fed to the FrameReader `reader` (whole frames only; a
+    frame cut short stays in the reader for the next call)."""
+    from firmware import cbor
+
+    reader.feed(data)
+    out = []
+    while True:
+        frame = reader.next_frame()
+        if frame is None:
+            return out
+        out.append(cbor.loads(bytes(frame)))

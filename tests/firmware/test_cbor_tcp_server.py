@@ -9,7 +9,7 @@
 import json
 
 import machine
-from fwtest import IS_MICROPYTHON
+from fwtest import IS_MICROPYTHON, cbor_frames
 
 from firmware import app as firmware_app
 from firmware import cbor, clock, wiring
@@ -61,14 +61,7 @@ class _Peer:
         self.closed = True
 
     def frames(self):
-        reader = FrameReader()
-        reader.feed(bytes(self.sent[0:self.n_sent]))
-        out = []
-        while True:
-            frame = reader.next_frame()
-            if frame is None:
-                return out
-            out.append(cbor.loads(bytes(frame)))
+        return cbor_frames(FrameReader(), bytes(self.sent[0:self.n_sent]))
 
 
 class _Port:

@@ -13,9 +13,10 @@ import asyncio
 import json
 
 import machine
+from fwtest import cbor_frames
 
 from firmware import app as firmware_app
-from firmware import cbor, clock, regmap, wiring
+from firmware import clock, regmap, wiring
 from firmware.frames import FrameReader
 
 MPY_TIMEOUT_S = 90
@@ -188,16 +189,6 @@ def test_modbus_connections_share_one_frame_buffer_without_mixing_requests():
     _run("modbus-tcp", body)
 
 
-def _frames(reader, data):
-    reader.feed(data)
-    out = []
-    while True:
-        frame = reader.next_frame()
-        if frame is None:
-            return out
-        out.append(cbor.loads(bytes(frame)))
-
-
 async def _boot_frames(app, sock):
     """The column's frames after its next refresh (a fresh connection: BootNotification)."""
     reader = FrameReader()
@@ -206,7 +197,7 @@ async def _boot_frames(app, sock):
         app.link.refresh(clock.ticks_ms())
         data, closed = await _read(sock, 512, 50)
         assert not closed
-        frames = _frames(reader, data)
+        frames = cbor_frames(reader, data)
         if frames:
             return frames
     return []

@@ -35,3 +35,34 @@ def cbor_frames(reader, data):
         if frame is None:
             return out
         out.append(cbor.loads(bytes(frame)))
+
+
+def tcp_column(mode, server, accept, idle, column_id):
+    """A column (App) and its link for the TCP link `mode`, with the server module's port
+    primitives replaced: no listening poller, accept(lsock, ready) and idle(lsock, conns) as
+    given. Returns (app, link, restore); call restore() when done."""
+    import json
+
+    import machine
+
+    from firmware import app as firmware_app
+    from firmware import wiring
+
+    saved = (server.poller, server.accept, server.idle)
+
+    def restore():
+        server.poller, server.accept, server.idle = saved
+
+    server.poller, server.accept, server.idle = (lambda lsock: None), accept, idle
+    try:
+        machine.board.clear()
+        config = {"column_id": column_id, "bus_address": 4, "phases": 3, "hardware_rating_a": 32,
+                  "installation_rating_a": 32, "failsafe_a": 6, "meter": {"type": "sdm630"},
+                  "link": {"mode": mode, "tcp_port": 1, "host": "127.0.0.1"}}
+        with open("column.json", "w") as f:
+            f.write(json.dumps(config))
+        app = firmware_app.App(machine, "column.json", use_wdt=False, log=lambda *a: None)
+        return app, wiring.link(app, mode), restore
+    except BaseException:
+        restore()
+        raise

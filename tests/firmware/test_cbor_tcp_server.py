@@ -6,20 +6,11 @@
 # cancelling closes the connection and drops the link; a pass allocates nothing (MicroPython,
 # under heap_lock). Real loopback sockets: test_tcp_link_serve.py. Runs under CPython and
 # MicroPython.
-import json
 
-import machine
-from fwtest import IS_MICROPYTHON, cbor_frames
+from fwtest import IS_MICROPYTHON, cbor_frames, tcp_column
 
-from firmware import app as firmware_app
-from firmware import cbor, clock, wiring
+from firmware import cbor, clock
 from firmware.frames import FrameReader, encode_frame
-
-BASE = {
-    "column_id": "ct-col", "bus_address": 4, "phases": 3,
-    "hardware_rating_a": 32, "installation_rating_a": 32, "failsafe_a": 6,
-    "meter": {"type": "sdm630"},
-}
 
 
 class _Peer:
@@ -93,15 +84,9 @@ def _with_server(body, idle=None):
     def accept(lsock, ready):
         return waiting.pop(0) if waiting else None
 
-    saved = (cbor_tcp.poller, cbor_tcp.accept, cbor_tcp.idle)
-    cbor_tcp.poller, cbor_tcp.accept = (lambda lsock: None), accept
-    cbor_tcp.idle = idle or (lambda lsock, conns: one)
+    pass_ = idle or (lambda lsock, conns: one)
+    app, link, restore = tcp_column("cbor-tcp", cbor_tcp, accept, pass_, "ct-col")
     try:
-        machine.board.clear()
-        with open("column.json", "w") as f:
-            f.write(json.dumps(dict(BASE, link={"mode": "cbor-tcp", "tcp_port": 1, "host": "127.0.0.1"})))
-        app = firmware_app.App(machine, "column.json", use_wdt=False, log=lambda *a: None)
-        link = wiring.link(app, "cbor-tcp")
         port = _Port()
         coro = cbor_tcp._serve(port, link)
         try:
@@ -109,7 +94,7 @@ def _with_server(body, idle=None):
         finally:
             coro.close()
     finally:
-        cbor_tcp.poller, cbor_tcp.accept, cbor_tcp.idle = saved
+        restore()
 
 
 def _actions(peer):

@@ -6,19 +6,11 @@
 # anywhere, interleaved over three connections, get each connection its own replies. Real loopback
 # sockets: test_tcp_link_serve.py. Runs under CPython and MicroPython.
 import asyncio
-import json
 
-import machine
-from fwtest import IS_MICROPYTHON
+from fwtest import IS_MICROPYTHON, tcp_column
 
-from firmware import app as firmware_app
-from firmware import clock, regmap, wiring
+from firmware import clock, regmap
 
-BASE = {
-    "column_id": "mt-col", "bus_address": 4, "phases": 3,
-    "hardware_rating_a": 32, "installation_rating_a": 32, "failsafe_a": 6,
-    "meter": {"type": "sdm630"},
-}
 READ_VERSION = bytes([0x12, 0x34, 0, 0, 0, 6, 4, 4, 0, regmap.IR_FW_VERSION, 0, 1])   # FC04, tid 0x1234
 
 
@@ -93,18 +85,12 @@ def _with_fake_sockets(peers, idle, body):
     def accept(lsock, ready):
         return pending.pop() if pending else None
 
-    saved = (modbus_tcp.poller, modbus_tcp.accept, modbus_tcp.idle)
-    modbus_tcp.poller, modbus_tcp.accept, modbus_tcp.idle = (lambda lsock: None), accept, idle
+    app, link, restore = tcp_column("modbus-tcp", modbus_tcp, accept, idle, "mt-col")
     try:
-        machine.board.clear()
-        with open("column.json", "w") as f:
-            f.write(json.dumps(dict(BASE, link={"mode": "modbus-tcp", "tcp_port": 1, "host": "127.0.0.1"})))
-        app = firmware_app.App(machine, "column.json", use_wdt=False, log=lambda *a: None)
-        link = wiring.link(app, "modbus-tcp")
         link.refresh(clock.ticks_ms())
         body(app, link)
     finally:
-        modbus_tcp.poller, modbus_tcp.accept, modbus_tcp.idle = saved
+        restore()
 
 
 async def _next_pass(lsock, conns):

@@ -45,7 +45,8 @@ from bench.gw_scale import DRAIN_WAIT_S
 from bench.raw_clients import paho_publish, pymodbus_polls, telemetry, wire_messages
 from bench.stats import median, percentile, spread
 from bench.suite import Context
-from gateway.service import OFFLOAD_MIN_COLUMNS, STEP_SLICE, TELEMETRY_SLICE
+from gateway.collector import YOUNG_THRESHOLD
+from gateway.service import SLICE_MIN_COLUMNS, STEP_SLICE, TELEMETRY_SLICE
 from hil.rig.broker import Broker, Listener
 from hil.rig.site_files import new_key, toml_text, write_secrets
 
@@ -154,7 +155,7 @@ def step(n: int, farm: Farm, broker_port: int, work: Path, *, window_s: float, s
         raise RuntimeError(f"gw_scale for {n} columns wrote no result:\n{tail}")
     r = json.loads(out.read_text())
     late = r.pop("lateness_s")
-    for key in ("telemetry_round_ms", "telemetry_slice_ms", "control_step_ms", "control_step_thread_ms"):
+    for key in ("telemetry_round_ms", "telemetry_slice_ms", "control_step_ms"):
         xs = r.pop(key, [])
         r[key] = {"p50": round(median(xs), 1), "max": round(max(xs), 1), "n": len(xs)} if xs else {}
     r["lateness_ms"] = {"p50": round(1000 * median(late), 1), "p99": round(1000 * percentile(late, 99), 1),
@@ -402,10 +403,10 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
     if step_us:
         notes.append(f"The control step (one allocation over every column, once a second and on changes) "
                      f"takes about {step_us} µs of the event loop's time per column (slope of its p50 "
-                     f"over N). Below {OFFLOAD_MIN_COLUMNS} columns that is one stretch; from there the "
-                     f"step reads the columns and sends their limits {STEP_SLICE} at a time with the "
-                     "loop free in between, and allocates (and checks the load) in a worker thread "
-                     "(gateway.service), whose CPU is in the control step's share below.")
+                     f"over N). Below {SLICE_MIN_COLUMNS} columns that is one stretch; from there the "
+                     f"step reads the columns, finishes their offers and sends their limits {STEP_SLICE} "
+                     "at a time with the loop free in between, and holds it once for the site-wide "
+                     "part of the allocation and the load check (gateway.service).")
     parts = top.get("breakdown_us_per_column_s")
     if parts:
         names = {"polls_and_rest": "polls (south adapter, asyncio, sockets) and the rest",
@@ -426,8 +427,9 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
                      f"collections (by generation {', '.join(str(c) for c in gc_top['collections'])}) took "
                      f"{100 * sum(gc_top['s']) / top['window_s']:.1f} % of a core, the longest "
                      f"{gc_top['max_ms']} ms (the loop held: poll lateness); a gateway process freezes its "
-                     "long-lived objects once ready (gc.freeze, gateway.service.settle_process) and "
-                     "collects its young generation after 10,000 net allocations.")
+                     "long-lived objects once ready and again once every column is online (gc.freeze, "
+                     f"gateway.collector) and collects its young generation after {YOUNG_THRESHOLD:,} net "
+                     "allocations.")
     if r["memory_per_column_kb"] is not None:
         notes.append(f"Memory: {r['memory_per_column_kb']} KB of RSS per column (slope over the same steps).")
     if r.get("farm_cpu_us_per_request"):
@@ -443,7 +445,7 @@ def _holds(s: dict[str, Any]) -> str:
     step, piece = s.get("control_step_ms") or {}, s.get("telemetry_slice_ms") or {}
     if step:
         parts.append(f"a control step's loop time (the allocation over every column; in slices "
-                     f"from {OFFLOAD_MIN_COLUMNS} columns) {step['p50']} ms (max {step['max']})")
+                     f"from {SLICE_MIN_COLUMNS} columns) {step['p50']} ms (max {step['max']})")
     if piece:
         parts.append(f"a telemetry slice (up to {TELEMETRY_SLICE} columns' payloads built and queued in one "
                      f"outbox transaction) {piece['p50']} ms (max {piece['max']})")

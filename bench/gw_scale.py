@@ -14,8 +14,8 @@ that the gateway itself does not spend; its CPU is reported as `cpu_fraction_tim
 long each telemetry round takes and how long each of its slices holds the event loop
 (GatewayService.telemetry_round, _column_telemetry and the outbox transaction); the event
 loop's time in each control step (GatewayService._open_step, _collect, _step_inputs,
-_close_step, _send_limits, and _Step.run when it runs on the loop) and the CPU of the
-allocation when it runs in a worker thread (_Step.run, thread time); each garbage
+_solve_step, _finish_slice, _close_step, _send_limits, and _Step.run, a small site's
+allocation at once); each garbage
 collection's pause (gc.callbacks); and from these where the CPU per column went. RSS at the
 end. With --profile, cProfile records the event loop's thread during the second window. It
 writes OUT.json, then stops the service cleanly.
@@ -36,10 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.collector import manage_collector
 from gateway.config import load_config
 from gateway.north.mqtt_client import MqttConnection
 from gateway.north.publisher import Publisher
-from gateway.service import GatewayService, _Step, settle_process
+from gateway.service import GatewayService, _Step
 from gateway.south.schedule import Due, PollSchedule
 
 DRAIN_WAIT_S = 30.0   # at most this long for the start's outbox backlog before the window
@@ -47,12 +48,10 @@ LATE_S: list[float] = []
 TELEMETRY_S: list[float] = []   # one telemetry round, start to end (the loop is free between its slices)
 SLICE_S: list[float] = []       # one slice of a round: payloads built and queued, the loop held
 STEP_S: list[float] = []        # the event loop's time in one control step (see _record_control_steps)
-STEP_THREAD_S: list[float] = []  # CPU of an allocation run in a worker thread (large sites)
 STEP_BY_GENERATION: list[dict[int, float]] = []   # the loop's time per step, by step number
 GC_S: list[list[float]] = [[], [], []]   # each garbage collection's pause, by generation
-# The CPU breakdown counts the event loop thread's CPU time (time.thread_time), not wall time:
-# while the allocation runs in its worker thread, a part preempted for the interpreter lock
-# would otherwise be charged the worker's time too.
+# The CPU breakdown counts the event loop thread's CPU time (time.thread_time), not wall time
+# (another thread's time would be charged to a part preempted for the interpreter lock).
 TIMED_S: dict[str, float] = {}  # CPU seconds in parts of the service (_record_time_in), summed
 CPU_S: dict[str, float] = {"control_step": 0.0, "telemetry_slices": 0.0}   # the loop's CPU in both
 TIMING = [False]   # the timers' switch: off in the verdict's window, on in the breakdown's
@@ -94,45 +93,29 @@ def _record_telemetry() -> None:
 
 def _record_control_steps() -> None:
     """STEP_S: the event loop's time in each control step (all of it on a small site; on a large
-    one the parts around the allocation, slice by slice: see gateway.service); STEP_THREAD_S:
-    the CPU of an allocation (and load check) run in the worker thread."""
+    one, slice by slice: see gateway.service), by step number."""
     per_step: dict[int, float] = {}
 
-    def loop_part(name: str) -> None:
-        method = getattr(GatewayService, name)
+    def timed_part(owner: Any, name: str, generation: Any) -> None:
+        method = getattr(owner, name)
 
-        def timed(self: GatewayService, *args: Any) -> Any:
+        def timed(self: Any, *args: Any) -> Any:
             if not TIMING[0]:
                 return method(self, *args)
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return method(self, *args)
             finally:
-                per_step[self._step_generation] = per_step.get(self._step_generation, 0.0) + \
-                    time.perf_counter() - t0
+                number = generation(self)
+                per_step[number] = per_step.get(number, 0.0) + time.perf_counter() - t0
                 CPU_S["control_step"] += time.thread_time() - c0
 
-        setattr(GatewayService, name, timed)
+        setattr(owner, name, timed)
 
-    for name in ("_open_step", "_collect", "_step_inputs", "_close_step", "_send_limits"):
-        loop_part(name)
-    run = _Step.run
-
-    def timed_run(self: _Step) -> Any:
-        if not TIMING[0]:
-            return run(self)
-        on_loop = threading.current_thread() is threading.main_thread()
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            return run(self)
-        finally:
-            if on_loop:
-                per_step[self.generation] = per_step.get(self.generation, 0.0) + time.perf_counter() - t0
-                CPU_S["control_step"] += time.thread_time() - c0
-            else:
-                STEP_THREAD_S.append(time.thread_time() - c0)
-
-    _Step.run = timed_run  # type: ignore[method-assign]
+    for name in ("_open_step", "_collect", "_step_inputs", "_solve_step", "_finish_slice", "_close_step",
+                 "_send_limits"):
+        timed_part(GatewayService, name, lambda service: service._step_generation)
+    timed_part(_Step, "run", lambda step: step.generation)
     STEP_BY_GENERATION.append(per_step)
 
 
@@ -221,7 +204,6 @@ def _counters(service: GatewayService) -> tuple[int, int, int, int, int]:
 async def measure(service: GatewayService, settle_s: float, window_s: float, online_timeout_s: float,
                   profile: cProfile.Profile | None) -> dict[str, Any]:
     await asyncio.wait_for(service.ready.wait(), 60)
-    settle_process()   # as `python -m gateway run` does once the service is ready
     t0 = time.monotonic()
     n = len(service.views)
     while sum(1 for v in service.views.values() if v.online) < n and time.monotonic() - t0 < online_timeout_s:
@@ -296,7 +278,6 @@ async def _timed_window(service: GatewayService, window_s: float, n: int,
     STEP_S.clear()
     for per_step in STEP_BY_GENERATION:
         per_step.clear()
-    STEP_THREAD_S.clear()
     for pauses in GC_S:
         pauses.clear()
     for part in TIMED_S:
@@ -313,18 +294,16 @@ async def _timed_window(service: GatewayService, window_s: float, n: int,
     STEP_S.extend(v for per_step in STEP_BY_GENERATION for v in per_step.values())
     per_col = 1e6 / (wall * max(1, n))   # seconds in the window -> µs per column and second
     by_thread = {k: (v - threads0.get(k, 0.0)) for k, v in threads1.items()}
-    step_thread_s = sum(STEP_THREAD_S)
-    parts = {"control_step": CPU_S["control_step"] + step_thread_s,
+    parts = {"control_step": CPU_S["control_step"],
              "telemetry_slices": CPU_S["telemetry_slices"], **TIMED_S,
              "garbage_collector": sum(sum(x) for x in GC_S),   # ticks vs process_time:
-             "other_threads": max(0.0, cpu - by_thread.get("MainThread", cpu) - step_thread_s)}
+             "other_threads": max(0.0, cpu - by_thread.get("MainThread", cpu))}
     parts["polls_and_rest"] = max(0.0, cpu - sum(parts.values()))
     return {
         "cpu_fraction_timed": round(cpu / wall, 4),
         "telemetry_round_ms": [round(1000 * x, 2) for x in TELEMETRY_S],
         "telemetry_slice_ms": [round(1000 * x, 2) for x in SLICE_S],
         "control_step_ms": [round(1000 * x, 2) for x in STEP_S],
-        "control_step_thread_ms": [round(1000 * x, 2) for x in STEP_THREAD_S],
         "gc": {"collections": [len(x) for x in GC_S], "s": [round(sum(x), 4) for x in GC_S],
                "max_ms": round(1000 * max((p for x in GC_S for p in x), default=0.0), 2)},
         # Where the CPU went, µs per column and second, from the loop thread's CPU time in each
@@ -340,6 +319,9 @@ async def main_async(args: argparse.Namespace) -> None:
     service = GatewayService(config)
     profile = cProfile.Profile() if args.profile else None
     task = asyncio.create_task(service.run())
+    # The collector's policy, as `python -m gateway run` applies it (frozen once ready and again
+    # once every column is online: before the window).
+    collector = asyncio.create_task(manage_collector(service.ready, service.all_columns_online))
     try:
         result = await measure(service, args.settle, args.window, args.online_timeout, profile)
         # Written before the (slow, hand-over) stop: the caller may stop waiting once it is there.
@@ -347,6 +329,7 @@ async def main_async(args: argparse.Namespace) -> None:
             profile.dump_stats(args.profile)
         args.out.write_text(json.dumps(result))
     finally:
+        collector.cancel()
         service.request_stop()
         try:
             await asyncio.wait_for(task, 60)

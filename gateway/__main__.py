@@ -71,22 +71,19 @@ def check_config_command(path: Path) -> int:
 
 
 async def _serve(config: GatewayConfig) -> None:
-    from gateway.service import GatewayService, settle_process
+    from gateway.collector import manage_collector
+    from gateway.service import GatewayService
 
     service = GatewayService(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
 
-    async def when_ready() -> None:
-        await service.ready.wait()
-        settle_process()
-
-    settle = asyncio.create_task(when_ready())
+    collector = asyncio.create_task(manage_collector(service.ready, service.all_columns_online))
     try:
         await service.run()
     finally:
-        settle.cancel()
+        collector.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

@@ -10,9 +10,10 @@ One asyncio TaskGroup with named tasks:
   ``allocate`` -> limits for every column under control, each with its pre-assigned failsafe
   (``plan_failsafe``) until the column has confirmed it. The allocator applies decreases at once
   and delays increases; the step only sends what it decides. Measured load is checked against
-  the limits (``check_load``) and new violations become events. From ``OFFLOAD_MIN_COLUMNS``
-  columns the periodic step runs ``allocate`` (pure) in a worker thread with the loop free
-  meanwhile; a step that began later (a command's, run at once on the loop) supersedes it.
+  the limits (``check_load``) and new violations become events. From ``SLICE_MIN_COLUMNS``
+  columns the periodic step runs in slices with the loop free in between (the allocation in
+  stages, ``AllocationStep``); a step that began later (a command's, run at once on the loop)
+  supersedes it.
 - ``limits:<writer>``: one writer per RS-485 bus and per TCP/CBOR column, so a slow column never
   holds back a decrease for another; commands queued while a write runs are merged (the latest
   limit per column wins, a pending failsafe is kept).
@@ -52,9 +53,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
+import itertools
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,7 +62,14 @@ from typing import Any, Protocol
 
 from firmware.status_names import CP_NAMES, ERROR_NAMES, STATUS_NAMES
 from gateway.config import GatewayConfig
-from gateway.core.allocation import Allocation, AllocatorState, ColumnMemory, Session, allocate
+from gateway.core.allocation import (
+    Allocation,
+    AllocationStep,
+    AllocatorState,
+    ColumnMemory,
+    Session,
+    allocate,
+)
 from gateway.core.failsafe import FailsafePlan, plan_failsafe
 from gateway.core.limits import (
     R_ABOVE_CAPACITY,
@@ -115,9 +122,8 @@ _CONFIRM_GRACE_MS = 3000      # a reading may predate a write by this much
 _VALIDITY_SLACK_S = 5.0       # a column's validity left may trail ours by this much (rounding, delays)
 _READBACK_SLACK_S = 2.0       # validity read back after a broadcast: whole seconds + the poll's age
 _MIN_STEP_GAP_S = 0.05        # event-driven steps at most this often
-OFFLOAD_MIN_COLUMNS = 500     # from this many columns the periodic step allocates in a worker thread
-SWITCH_INTERVAL_S = 0.0005    # the interpreter's thread switch interval in a gateway (settle_process)
-STEP_SLICE = 500              # ... and reads the columns and sends their limits this many at a time
+SLICE_MIN_COLUMNS = 500       # from this many columns the periodic step runs in slices ...
+STEP_SLICE = 500              # ... of this many columns each (~3 ms of the loop at each stage)
 ACK_WAIT_S = 2.0              # a command's ack waits this long for the columns' writes
 TELEMETRY_SLICE = 250         # columns per slice of a telemetry round (~8 ms of the loop each)
 SHUTDOWN_WAIT_S = 5.0         # final limit writes at shutdown
@@ -325,7 +331,7 @@ class _Opened:
 
 @dataclass(frozen=True)
 class _Step:
-    """A control step's inputs, taken on the event loop; run() is pure (it may run in a thread)."""
+    """A control step's inputs, taken on the event loop; run() and check() are pure."""
 
     generation: int
     now: int
@@ -341,9 +347,12 @@ class _Step:
         p = self.picked
         allocation = allocate(self.site, p.sessions, self.effective, self.now, self.state,
                               reserved_a=p.reserved, base_load_a=self.base_load_a)
-        load = check_load(self.site, self.effective, p.offered, p.measured, self.now, state=self.load_state,
+        return allocation, self.check()
+
+    def check(self) -> LoadCheck:
+        p = self.picked
+        return check_load(self.site, self.effective, p.offered, p.measured, self.now, state=self.load_state,
                           site_meter_a=self.meter_a)
-        return allocation, load
 
 
 @dataclass
@@ -374,7 +383,7 @@ class GatewayService:
         self.alloc_state = AllocatorState()
         self.allocation: Allocation | None = None
         self._step_generation = 0               # steps begun; an offloaded step finishing late is dropped
-        self.offload_min_columns = OFFLOAD_MIN_COLUMNS
+        self.slice_min_columns = SLICE_MIN_COLUMNS
         self._load_state = LoadCheckState()
         self._overrides = _Overrides()
         self._telemetry_s = self.svc.telemetry_interval_s
@@ -391,6 +400,10 @@ class GatewayService:
         self.publisher: Publisher | None = None
         self.auth: CommandAuthenticator | None = None
         self.ready = asyncio.Event()            # set once the tasks run (tests)
+
+    def all_columns_online(self) -> bool:
+        """Every column has come online (the start is over: gateway.collector)."""
+        return all(v.online for v in self.views.values())
 
     @property
     def telemetry_interval_s(self) -> float:
@@ -756,10 +769,10 @@ class GatewayService:
                 await asyncio.sleep(gap)
             self._control_wake.clear()
             last = loop.time()
-            if len(self.views) < self.offload_min_columns:
+            if len(self.views) < self.slice_min_columns:
                 self._safe_step()
             else:
-                await self._safe_step_offloaded()
+                await self._safe_step_sliced()
 
     def _safe_step(self) -> None:
         try:
@@ -779,30 +792,42 @@ class GatewayService:
         self._close_step(step, result)
         self._send_limits(views, result[0], step.now)
 
-    async def _safe_step_offloaded(self) -> None:
-        """The step of a large site, the event loop free in between: the columns are read and
-        the limits sent in slices of STEP_SLICE columns, and the allocation and the load check
-        (pure) run in a worker thread (~20 µs per column: 100 ms at 5,000 columns). The thread
-        shares the interpreter lock, so this spreads the CPU rather than adding any. A step
-        that begins meanwhile (a command's, at once on the loop) supersedes this one."""
+    async def _safe_step_sliced(self) -> None:
+        """The step of a large site, the event loop free between slices of STEP_SLICE columns:
+        the columns are read and their sessions' demands worked out, slice by slice; the
+        site-wide part of the allocation and the load check run at once (~10 ms at 5,000
+        columns); then the offers are finished and the limits sent, slice by slice. A step that
+        begins meanwhile (a command's, at once on the loop) supersedes this one."""
         try:
             opened = self._open_step()
             views = list(self.views.items())
             picked = _Picked()
+            allocation = AllocationStep(self.site, opened.effective, opened.now, self.alloc_state)
             if not await self._in_slices(views, opened.generation,
-                                         lambda part: self._collect(part, opened.now, picked)):
+                                         lambda part: self._collect(part, opened.now, picked, allocation)):
                 return
-            step = self._step_inputs(opened, picked)
-            result = await asyncio.to_thread(step.run)
-            if step.generation != self._step_generation:
-                return
-            self._close_step(step, result)
-            allocation = result[0]
+            step = self._step_inputs(opened, picked, allocation)
+            load = self._solve_step(step, allocation)
+            while not self._finish_slice(allocation):
+                await asyncio.sleep(0)
+                if step.generation != self._step_generation:
+                    return
+            result = allocation.result()
+            self._close_step(step, (result, load))
             await self._in_slices(views, step.generation,
-                                  lambda part: self._send_limits(part, allocation, step.now))
+                                  lambda part: self._send_limits(part, result, step.now))
         except Exception:
             self.stats.step_errors += 1
             log.exception("control step failed")
+
+    def _solve_step(self, step: _Step, allocation: AllocationStep) -> LoadCheck:
+        """A sliced step's site-wide part: the allocation's solve and the load check."""
+        allocation.solve(reserved_a=step.picked.reserved, base_load_a=step.base_load_a)
+        return step.check()
+
+    def _finish_slice(self, allocation: AllocationStep) -> bool:
+        """The next STEP_SLICE columns' offers; True once every column's is."""
+        return allocation.finish(STEP_SLICE)
 
     async def _in_slices(self, views: Sequence[tuple[str, ColumnView]], generation: int,
                          work: Callable[[Sequence[tuple[str, ColumnView]]], object]) -> bool:
@@ -832,11 +857,13 @@ class GatewayService:
         return _Opened(self._step_generation, now, effective)
 
     def _collect(self, views: Sequence[tuple[str, ColumnView]], now: int,
-                 into: _Picked | None = None) -> _Picked:
+                 into: _Picked | None = None, allocation: AllocationStep | None = None) -> _Picked:
         """What the step needs of these columns: the sessions under control, what the others
-        may draw, and the fresh readings the load check compares."""
+        may draw, and the fresh readings the load check compares (the sessions go on to
+        ``allocation`` too when given)."""
         picked = into if into is not None else _Picked()
         sessions, reserved = picked.sessions, picked.reserved
+        first = len(sessions)
         offered, measured = picked.offered, picked.measured
         stale_before = self._stale_before(now)
         for cid, view in views:
@@ -855,12 +882,17 @@ class GatewayService:
             started = view.session_started_ms if view.session_started_ms is not None else r.ts_ms
             sessions.append(Session(cid, started, r.current_a if fresh else None, None,
                                     float(r.session_energy_wh)))
+        if allocation is not None:
+            allocation.add(itertools.islice(sessions, first, None))
         return picked
 
-    def _step_inputs(self, opened: _Opened, picked: _Picked) -> _Step:
+    def _step_inputs(self, opened: _Opened, picked: _Picked, begun: AllocationStep | None = None) -> _Step:
+        """``begun``: a sliced step's allocation, begun on the site and the allocator state of
+        the step's start (a column may have been seeded since)."""
         meter_a = self._meter_currents()
-        return _Step(opened.generation, opened.now, self.site, opened.effective, picked, meter_a,
-                     self._base_load(meter_a), self.alloc_state, self._load_state)
+        site, state = (self.site, self.alloc_state) if begun is None else (begun.site, begun.state)
+        return _Step(opened.generation, opened.now, site, opened.effective, picked, meter_a,
+                     self._base_load(meter_a), state, self._load_state)
 
     def _close_step(self, step: _Step, result: tuple[Allocation, LoadCheck]) -> None:
         """The step's outcome becomes the service's: the allocator's memory, the load check's
@@ -868,7 +900,7 @@ class GatewayService:
         allocation, load = result
         state = allocation.state
         if self.alloc_state is not step.state:
-            # A column came (back) online while the allocation ran in its thread: the memory it
+            # A column came (back) online while a sliced step ran: the memory it
             # was seeded with stands, as if its reading had arrived just after this step.
             seeded = {cid: mem for cid, mem in self.alloc_state.columns.items()
                       if step.state.columns.get(cid) is not mem}
@@ -1253,28 +1285,6 @@ class GatewayService:
             limit_source=SITE_SOURCE_NAMES.get(eff.source, "connection"),
             limit_valid_until_ms=eff.limit.valid_until_ms if eff.limit is not None else None,
             active_sessions=active)
-
-
-def settle_process() -> None:
-    """A gateway process's interpreter policy, once its service is ready (process settings,
-    so the process's entry point applies them, not the service).
-
-    The collector: the site's structures (views, channels, schedules, config) live as long as
-    the service: out of the collector's sight, a full collection does not walk them all (it
-    held the loop ~50 ms per 1,000 columns, seen as poll lateness). The steady state frees its
-    objects by reference counting; a young generation of 700 was collected ten times a second
-    only because a telemetry slice builds a few thousand at once (5 % of the CPU at 1,000
-    columns; with 10,000: none).
-
-    The switch interval: from OFFLOAD_MIN_COLUMNS columns the control step allocates in a
-    worker thread, ~100 ms of interpreter time at 5,000 columns, while the event loop polls.
-    With the default 5 ms, the loop waited up to 5 ms for the interpreter at every return from
-    its poll of the sockets, and polls came late by up to the allocation's length (at 5,000
-    columns: lateness p99 68-137 ms over four runs, p50 9 ms); at 0.5 ms, 39-87 ms (p50 4 ms),
-    for about 2 % more CPU while the two run."""
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def _vocab(value: str, names: Sequence[str], fallback: str) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
@@ -263,8 +263,8 @@ def _rank(d: _Demand, site: Site, now_ms: int) -> tuple[int, int, float, str]:
 _NO_MEMORY = ColumnMemory()
 
 
-def _memory(state: AllocatorState, session: Session | None, cid: str) -> ColumnMemory:
-    mem = state.columns.get(cid)
+def _memory(known: Mapping[str, ColumnMemory], session: Session | None, cid: str) -> ColumnMemory:
+    mem = known.get(cid)
     if mem is None:
         mem = _NO_MEMORY
     if session is not None and mem.session_started_ms != session.started_ms:
@@ -280,65 +280,133 @@ def allocate(site: Site, sessions: Sequence[Session], effective_limit: Effective
              base_load_a: PhaseCurrents | None = None) -> Allocation:
     """One control step. ``reserved_a``: columns not under control (offline) and the current they
     may draw (their failsafe); ``base_load_a``: non-EV site load per phase (meter minus columns)."""
-    reserved = _reserved(site, reserved_a or {})
-    limits = _constraint_room(site, effective_limit, reserved, base_load_a)
-    by_col: dict[str, Session] = {}
-    demands: dict[str, _Demand] = {}
-    ignored: list[str] = []
-    for s in sessions:
-        col = site.column(s.column_id)
-        if col is None:
-            ignored.append(s.column_id)
-        elif s.column_id not in reserved:
-            by_col[s.column_id] = s
-            demands[s.column_id] = _demand(site, s, col, effective_limit,
-                                           mem=_memory(state, s, col.id), now_ms=now_ms)
-    ranks = {cid: _rank(d, site, now_ms) for cid, d in demands.items()}
-    order = sorted(demands, key=ranks.__getitem__)
-    admitted, paused, hits = _admit(demands, order, ranks, limits)
-    targets, stopped = water_fill({cid: (MIN_DA, demands[cid].cap_da, demands[cid].keys) for cid in admitted},
-                                  limits, admitted)
-    hits.extend(k for k in stopped.values() if k != "cap")
+    step = AllocationStep(site, effective_limit, now_ms, state)
+    step.add(sessions)
+    step.solve(reserved_a=reserved_a, base_load_a=base_load_a)
+    step.finish(len(site.columns))
+    return step.result()
 
-    cfg = site.allocation
-    restore_now = (cfg.dno_restore_without_delay and effective_limit.dno_restore_ms is not None
-                   and effective_limit.dno_restore_ms != state.restore_seen_ms)
-    out: dict[str, ColumnAllocation] = {}
-    memory: dict[str, ColumnMemory] = {}
-    load = [0, 0, 0]
-    known = state.columns
-    for col in site.columns:   # every column at every step: kept lean
-        cid = col.id
-        if cid in reserved:
-            out[cid] = ColumnAllocation(cid, reserved[cid], reserved[cid], False, RESERVED, "", None)
-            memory[cid] = ColumnMemory(applied_da=to_da(reserved[cid]), applied_since_ms=now_ms)
-            for p in col.rotation:
-                load[p] += to_da(reserved[cid])
-            continue
-        d = demands.get(cid)
-        mem = d.mem if d is not None else known.get(cid, _NO_MEMORY)
-        target = targets.get(cid, 0)
-        if target <= mem.applied_da:   # no increase: nothing to delay (_apply_delay's first case)
-            applied, due = target, None
-        else:
-            applied, due = _apply_delay(mem, target, now_ms, restore_now=restore_now,
-                                        delay_max_s=cfg.increase_delay_max_s, rng=state.rng)
-        memory[cid] = _remember(mem, d, applied, due, now_ms)
-        if d is None:
-            out[cid] = ColumnAllocation(cid, applied / 10, 0.0, False, IDLE, "", None)
-            continue
-        if cid in paused:
-            reason, binding = paused[cid], d.cap_binding if paused[cid] == PAUSED_LIMIT else ""
-        else:
-            reason = CHARGING if applied > 0 else PAUSED_DELAY
-            why = stopped.get(cid, "")
-            binding = d.cap_binding if why == "cap" else why
-        out[cid] = ColumnAllocation(cid, applied / 10, target / 10, applied == 0, reason, binding, due)
-        for p in d.phases:
-            load[p] += applied
-    new_state = AllocatorState(rng=state.rng, columns=memory, restore_seen_ms=effective_limit.dno_restore_ms)
-    return Allocation(out, _overall_binding(site, hits), effective_limit.source, effective_limit.site_a,
-                      (load[0] / 10, load[1] / 10, load[2] / 10), new_state, tuple(ignored))
+
+class AllocationStep:
+    """``allocate`` in stages, for a step that must not hold the event loop for a whole large
+    site: ``add`` the sessions in as many calls as wanted, ``solve`` once (the site-wide part:
+    constraints, rank order, admission, water-filling), ``finish`` the site's columns a number
+    at a time (in site order, the order the random delays are drawn in), then ``result``. The
+    per-column stages are most of the work; the stages run back to back are ``allocate``."""
+
+    def __init__(self, site: Site, effective_limit: EffectiveLimit, now_ms: int,
+                 state: AllocatorState) -> None:
+        self.site = site
+        self.effective = effective_limit
+        self.now_ms = now_ms
+        self.state = state
+        self._demands: dict[str, _Demand] = {}
+        self._ranks: dict[str, tuple[int, int, float, str]] = {}
+        self._ignored: list[str] = []
+        self._solved = False
+        self._reserved: dict[str, float] = {}
+        self._targets: dict[str, int] = {}
+        self._stopped: dict[str, str] = {}
+        self._paused: dict[str, str] = {}
+        self._hits: list[str] = []
+        self._restore_now = False
+        self._done = 0                 # columns finished, in site order
+        self._out: dict[str, ColumnAllocation] = {}
+        self._memory: dict[str, ColumnMemory] = {}
+        self._load = [0, 0, 0]
+
+    def add(self, sessions: Iterable[Session]) -> None:
+        """The sessions' demands and ranks (a later session on the same column replaces one
+        added before; a session on a column the site does not know is ignored)."""
+        if self._solved:
+            raise RuntimeError("sessions added to a solved allocation step")
+        site, effective, now, known = self.site, self.effective, self.now_ms, self.state.columns
+        demands, ranks, column = self._demands, self._ranks, site.column
+        for s in sessions:
+            cid = s.column_id
+            col = column(cid)
+            if col is None:
+                self._ignored.append(cid)
+                continue
+            d = demands[cid] = _demand(site, s, col, effective, mem=_memory(known, s, cid), now_ms=now)
+            ranks[cid] = _rank(d, site, now)
+
+    def solve(self, *, reserved_a: Mapping[str, float] | None = None,
+              base_load_a: PhaseCurrents | None = None) -> None:
+        """The site-wide part, once every session is in: ``reserved_a`` are the columns not under
+        control (a session on one of them is left out) and what they may draw."""
+        if self._solved:
+            raise RuntimeError("an allocation step is solved once")
+        self._solved = True
+        site, demands, ranks = self.site, self._demands, self._ranks
+        reserved = self._reserved = _reserved(site, reserved_a or {})
+        for cid in reserved:
+            if demands.pop(cid, None) is not None:
+                del ranks[cid]
+        limits = _constraint_room(site, self.effective, reserved, base_load_a)
+        order = sorted(demands, key=ranks.__getitem__)
+        admitted, self._paused, hits = _admit(demands, order, ranks, limits)
+        self._targets, self._stopped = water_fill(
+            {cid: (MIN_DA, demands[cid].cap_da, demands[cid].keys) for cid in admitted}, limits, admitted)
+        hits.extend(k for k in self._stopped.values() if k != "cap")
+        self._hits = hits
+        restore_ms = self.effective.dno_restore_ms
+        self._restore_now = (site.allocation.dno_restore_without_delay and restore_ms is not None
+                             and restore_ms != self.state.restore_seen_ms)
+
+    def finish(self, count: int) -> bool:
+        """The next ``count`` of the site's columns: offer, memory, reason. True once all are."""
+        if not self._solved:
+            raise RuntimeError("an allocation step is finished after solve()")
+        columns = self.site.columns
+        stop = min(self._done + count, len(columns))
+        now = self.now_ms
+        reserved, demands, targets = self._reserved, self._demands, self._targets
+        paused, stopped, out, memory, load = self._paused, self._stopped, self._out, self._memory, self._load
+        known, rng, restore_now = self.state.columns, self.state.rng, self._restore_now
+        delay_max_s = self.site.allocation.increase_delay_max_s
+        for i in range(self._done, stop):   # every column at every step: kept lean
+            col = columns[i]
+            cid = col.id
+            if cid in reserved:
+                out[cid] = ColumnAllocation(cid, reserved[cid], reserved[cid], False, RESERVED, "", None)
+                memory[cid] = ColumnMemory(applied_da=to_da(reserved[cid]), applied_since_ms=now)
+                for p in col.rotation:
+                    load[p] += to_da(reserved[cid])
+                continue
+            d = demands.get(cid)
+            mem = d.mem if d is not None else known.get(cid, _NO_MEMORY)
+            target = targets.get(cid, 0)
+            if target <= mem.applied_da:   # no increase: nothing to delay (_apply_delay's first case)
+                applied, due = target, None
+            else:
+                applied, due = _apply_delay(mem, target, now, restore_now=restore_now,
+                                            delay_max_s=delay_max_s, rng=rng)
+            memory[cid] = _remember(mem, d, applied, due, now)
+            if d is None:
+                out[cid] = ColumnAllocation(cid, applied / 10, 0.0, False, IDLE, "", None)
+                continue
+            if cid in paused:
+                reason, binding = paused[cid], d.cap_binding if paused[cid] == PAUSED_LIMIT else ""
+            else:
+                reason = CHARGING if applied > 0 else PAUSED_DELAY
+                why = stopped.get(cid, "")
+                binding = d.cap_binding if why == "cap" else why
+            out[cid] = ColumnAllocation(cid, applied / 10, target / 10, applied == 0, reason, binding, due)
+            for p in d.phases:
+                load[p] += applied
+        self._done = stop
+        return stop == len(columns)
+
+    def result(self) -> Allocation:
+        if self._done < len(self.site.columns):
+            raise RuntimeError("an allocation step's result is taken once every column is finished")
+        load, effective = self._load, self.effective
+        new_state = AllocatorState(rng=self.state.rng, columns=self._memory,
+                                   restore_seen_ms=effective.dno_restore_ms)
+        return Allocation(self._out, _overall_binding(self.site, self._hits), effective.source,
+                          effective.site_a, (load[0] / 10, load[1] / 10, load[2] / 10), new_state,
+                          tuple(self._ignored))
 
 
 def _reserved(site: Site, reserved_a: Mapping[str, float]) -> dict[str, float]:
@@ -381,10 +449,11 @@ def _admit(demands: Mapping[str, _Demand], order: Sequence[str],
         elif ranks[cid][0] == 3:
             paused[cid] = PAUSED_MIN_PAUSE
         else:
-            short = next((k for k in d.keys if remaining.get(k, 0) < MIN_DA), None)
-            if short is not None:
-                paused[cid] = PAUSED_CAPACITY
-                hits.append(short)
+            for k in d.keys:
+                if remaining.get(k, 0) < MIN_DA:
+                    paused[cid] = PAUSED_CAPACITY
+                    hits.append(k)
+                    break
             else:
                 for k in d.keys:
                     remaining[k] -= MIN_DA
@@ -437,4 +506,4 @@ def _overall_binding(site: Site, hits: list[str]) -> str:
         parts = key.split(":")
         return (0 if parts[0] == SITE_NODE else len(site.node_path(parts[1])), key)
 
-    return min(hits, key=depth)
+    return min(set(hits), key=depth)   # one hit per session paused: thousands, a few keys

@@ -319,6 +319,16 @@ def test_session_end_frees_its_share_and_unknown_columns_are_ignored() -> None:
     assert a1.offered_site_a == (32.0, 32.0, 32.0)
 
 
+def test_a_session_on_an_offline_column_takes_no_share_beside_its_reservation() -> None:
+    """An offline column may draw its failsafe (reserved); a session still reported on it is not
+    admitted as well, or its 6 A would be counted twice and taken from the others."""
+    site = site_of(20, [col("a"), col("b")])
+    alloc = allocate(site, sessions("a", "b"), limit(), 0, AllocatorState(), reserved_a={"a": 6.0})
+    assert offers(alloc) == {"a": 6.0, "b": 14.0}
+    assert alloc.columns["a"].reason == RESERVED
+    assert alloc.offered_site_a == (20.0, 20.0, 20.0)
+
+
 def test_resume_keeps_current_offers_without_a_start_delay() -> None:
     site = site_of(100, [col("a")], settings=AllocationSettings())
     alloc = allocate(site, sessions("a"), limit(16), 0, AllocatorState.resume({"a": 16.0}, 0))

@@ -1,16 +1,18 @@
 """Properties over random sites, sessions and limit sequences (bounded hypothesis runs):
 no circuit or phase is ever over its rating, every charging session gets at least 6 A, headroom
-is not left unused, and the failsafe limits together fit every circuit and the capacity."""
+is not left unused, the failsafe limits together fit every circuit and the capacity, and a step
+run in stages and slices (a large site's) allocates exactly as one run at once."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.allocation import AllocatorState, Session, allocate
+from gateway.core.allocation import Allocation, AllocationStep, AllocatorState, Session, allocate
 from gateway.core.failsafe import plan_failsafe
 from gateway.core.limits import ColumnLimit, EffectiveLimit
 from gateway.core.site import AllocationSettings, Circuit, Column, ModbusTcpLink, Site
@@ -178,6 +180,71 @@ def test_headroom_is_not_left_unused(data: st.DataObject) -> None:
             if node == "site" and step.base_load is not None:
                 room -= step.base_load[p]
             assert room - load[(node, p)] < 0.1 + EPS, (cid, binding, room, load[(node, p)])
+
+
+def _chunks(draw: st.DrawFn, items: list[Session]) -> list[list[Session]]:
+    out: list[list[Session]] = []
+    while items:
+        n = draw(st.integers(0, len(items)))
+        out.append(items[:n])
+        items = items[n:]
+    return out
+
+
+def _same(staged: Allocation, at_once: Allocation) -> None:
+    assert staged.columns == at_once.columns
+    for name in ("binding", "site_source", "site_limit_a", "offered_site_a", "ignored"):
+        assert getattr(staged, name) == getattr(at_once, name), name
+    assert staged.state.columns == at_once.state.columns
+    assert staged.state.restore_seen_ms == at_once.state.restore_seen_ms
+
+
+@PROPS
+@given(data=st.data())
+def test_a_step_in_stages_and_slices_allocates_as_at_once(data: st.DataObject) -> None:
+    """The sessions added in any number of calls (a session on a column the site does not know,
+    or on an offline column, among them) and the columns finished any number at a time give
+    the offers, reasons, random delays and memory of one allocate() call, step after step."""
+    site = data.draw(sites())
+    plan = plan_failsafe(site)
+    seed = data.draw(st.integers(0, 2**32))
+    one, staged_state = AllocatorState(rng=random.Random(seed)), AllocatorState(rng=random.Random(seed))
+    now = 0
+    for step in data.draw(steps(site)):
+        now += step.dt_ms
+        sessions = list(step.sessions)
+        if data.draw(st.booleans()):
+            sessions.insert(data.draw(st.integers(0, len(sessions))), Session("ghost", now))
+        reserved = {cid: plan.limits_a[cid] for cid in step.offline}
+        at_once = allocate(site, sessions, step.effective, now, one, reserved_a=reserved,
+                           base_load_a=step.base_load)
+        run = AllocationStep(site, step.effective, now, staged_state)
+        for chunk in _chunks(data.draw, sessions):
+            run.add(iter(chunk))
+        run.solve(reserved_a=reserved, base_load_a=step.base_load)
+        while not run.finish(data.draw(st.integers(1, 3))):
+            pass
+        staged = run.result()
+        _same(staged, at_once)
+        one, staged_state = at_once.state, staged.state
+
+
+def test_a_step_out_of_stage_order_is_refused() -> None:
+    """A stage run out of its order raises rather than allocate from half the inputs."""
+    site = Site("s", (32.0, 32.0, 32.0), {}, (Column("c0", "site", 3, (0, 1, 2), 32.0, 32.0,
+                                                     ModbusTcpLink("h", 502, 1)),))
+    eff = EffectiveLimit((32.0, 32.0, 32.0), "capacity", None, {}, None)
+    run = AllocationStep(site, eff, 0, AllocatorState())
+    for early in (lambda: run.finish(1), run.result):
+        with pytest.raises(RuntimeError):
+            early()
+    run.add([Session("c0", 0)])
+    run.solve()
+    for late in (lambda: run.add([Session("c0", 0)]), run.solve, run.result):
+        with pytest.raises(RuntimeError):
+            late()
+    assert run.finish(5)
+    assert run.result().columns["c0"].target_a == 32.0
 
 
 @PROPS

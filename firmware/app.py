@@ -2,10 +2,11 @@
 # store and the gateway link into asyncio tasks. A board runs it from main.py; the HIL
 # and the tests run the same code under the unix port or CPython with a virtual board.
 #
-# Tasks: control (every CONTROL_PERIOD_MS: sense, step, actuate, publish the image),
-# meter (Modbus RTU master on the meter UART), link (Modbus RTU/TCP slave or CBOR link)
-# and watchdog (feeds the WDT only while every other task has checked in since the
-# last feed, so a hung task resets the board).
+# Tasks: control (every CONTROL_PERIOD_MS: sense, step, actuate, publish the image, and
+# once a second feed the WDT, only if every other task has checked in since the last
+# feed: a dead or hung task, the control task included, resets the board), meter (Modbus
+# RTU master on the meter UART) and link (Modbus RTU/TCP slave or CBOR link). The
+# watchdog has no task of its own: a task and its coroutine cost a board RAM.
 import asyncio
 
 from . import clock
@@ -79,6 +80,7 @@ class App:
     async def control_task(self):
         hal = self.hal
         ctl = self.ctl
+        fed_ms = clock.ticks_ms()
         while True:
             now = clock.ticks_ms()
             hal.read_cp()
@@ -106,6 +108,16 @@ class App:
             if self.link is not None:
                 self.link.refresh(now)
             self._alive |= _T_CONTROL
+            if clock.ticks_diff(now, fed_ms) >= _WATCHDOG_PERIOD_MS:
+                fed_ms = now
+                expected = _T_CONTROL   # and every other task there is (dead ones included)
+                if "meter" in self.tasks:
+                    expected |= _T_METER
+                if "link" in self.tasks:
+                    expected |= _T_LINK
+                if self._alive & expected == expected:
+                    hal.feed_watchdog()
+                    self._alive = 0
             if self._reset_requested:
                 await clock.sleep_ms(50)  # let the link finish the reply
                 self.shutdown(now)
@@ -123,13 +135,6 @@ class App:
                 meter.on_bytes(rx, now, n)
             self._alive |= _T_METER
             await clock.sleep_ms(_METER_PERIOD_MS)
-
-    async def watchdog_task(self, expected):
-        while True:
-            if self._alive & expected == expected:
-                self.hal.feed_watchdog()
-                self._alive = 0
-            await clock.sleep_ms(_WATCHDOG_PERIOD_MS)
 
     def link_alive(self):
         self._alive |= _T_LINK
@@ -159,14 +164,7 @@ class App:
         await wiring.start(self)
         wiring.unload("wiring")
         del wiring  # this frame lives as long as the app: it must not hold the module
-        tasks = self.tasks
-        expected = _T_CONTROL
-        if "meter" in tasks:
-            expected |= _T_METER
-        if "link" in tasks:
-            expected |= _T_LINK
-        tasks["watchdog"] = asyncio.create_task(self.watchdog_task(expected))
-        await asyncio.gather(*tasks.values())
+        await asyncio.gather(*self.tasks.values())
 
 
 def main(config_path="column.json"):

@@ -3,7 +3,7 @@
 # (firmware/tcp_link.py), as Modbus TCP's server does, reading into one preallocated buffer;
 # frames go out at once from whichever task makes them. Only a cbor-tcp board loads this
 # module (firmware/links.py), so a serial board does not carry the TCP transport, nor a TCP
-# board the serial one's (CborLink.serve_serial is short).
+# board the serial one's (firmware/cbor_serial.py).
 import asyncio
 
 from .tcp_link import accept, idle, listen, poller
@@ -39,7 +39,7 @@ async def _serve(lsock, link):
     # gateway: its close came before its new connection, so while one waits the old
     # connection is read to its end (up to _DRAIN reads) before the new one is judged.
     clock = link.app.clock
-    rx = bytearray(_RX_CHUNK)   # handed over as a view, taken whole (see CborLink.serve_serial)
+    rx = bytearray(_RX_CHUNK)   # handed over as a view, taken whole (see cbor_serial.py)
     view = memoryview(rx)
     conns = []     # [[socket, None]] while a gateway has the link (tcp_link.idle()'s shape)
     write = None   # that gateway's link._out

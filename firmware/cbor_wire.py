@@ -173,7 +173,7 @@ def dumps(obj, out=None, depth=0):
             for key in obj:
                 kb = bytearray()
                 dumps(key, kb, depth + 1)
-                items.append((bytes(kb), obj[key]))
+                items.append((kb, obj[key]))  # (bytearrays compare as bytes do: no copy)
             items.sort()  # by the encoded key bytes (tied only by two NaN keys)
         n = len(items)
     else:

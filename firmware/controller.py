@@ -44,9 +44,10 @@ DEFAULTS = dict(
 
 
 class Controller:
-    def __init__(self, cfg=None, next_session_id=1):
+    def __init__(self, cfg=None, next_session_id=1, ring_size=16):
         # The merged config is read here only: its parts keep the values they use (in ms
         # and deci-amps), so the dict is not kept (a board would hold it for nothing).
+        # ring_size: session events held until popped (the app pops them every step).
         c = dict(DEFAULTS)
         if cfg:
             for key in DEFAULTS:
@@ -54,7 +55,7 @@ class Controller:
                     c[key] = cfg[key]
         self.cp_detector = CpDetector(int(c["cp_debounce_ms"]))
         lim = self.limits = LimitArbiter(c)
-        sess = self.session = Session(c, next_session_id)
+        sess = self.session = Session(c, next_session_id, ring_size)
         c = None
         self.events = sess.events
         self._fail_error = ERR_NONE

@@ -1,6 +1,7 @@
 # The gateway link over the OCPP-like CBOR message set (firmware/msg_link.py), on a serial
-# line or as a TCP server the gateway connects to (firmware/cbor_tcp.py, which reads and
-# writes the link's transport state, _out and accepted). Only loaded when the config's link
+# line (firmware/cbor_serial.py) or as a TCP server the gateway connects to
+# (firmware/cbor_tcp.py, which reads and writes the link's transport state, _out and
+# accepted): each board carries its own transport only. Only loaded when the config's link
 # mode is cbor-serial or cbor-tcp, after firmware/cbor_wire.py and msg_link.py. The column
 # announces itself (BootNotification), keeps the gateway informed (StatusNotification on
 # change, MeterValues periodically, Start/StopTransaction from session events, Heartbeat)
@@ -29,7 +30,6 @@ _STATUS_MIN_MS = const(1000)   # offered-current-only changes are reported at mo
 _MV_CHANGE_DA = const(10)      # a phase current moved this much (1 A): MeterValues now, not in 10 s
 _EV_START = const(1)           # firmware.session.EV_SESSION_START
 _EV_STOP = const(2)            # firmware.session.EV_SESSION_STOP
-_RX_CHUNK = const(64)          # bytes read from the serial line at a time
 
 
 class CborLink:
@@ -278,19 +278,3 @@ class CborLink:
             else:
                 unknown.append(key)
         return dict(configuration=known, unknownKeys=unknown)
-
-    # -- transports ----------------------------------------------------------------------
-    async def serve_serial(self, uart, de_pin, clock, asyncio, alive):
-        self.connected(self.app.rs485_writer(uart, de_pin), clock.ticks_ms())  # DE only while sending
-        # A small read buffer emptied in a loop (the frame reader holds the frame), handed
-        # over as a view, not a copy: the link takes every byte of it before on_bytes
-        # returns (FrameReader.feed), so rx is free again for the next read.
-        rx = bytearray(_RX_CHUNK)
-        view = memoryview(rx)
-        while True:
-            alive()
-            n = uart.readinto(rx)
-            while n:
-                self.on_bytes(view[0:n], clock.ticks_ms())
-                n = uart.readinto(rx) if n == _RX_CHUNK else 0  # a full read: more may wait
-            await clock.sleep_ms(2)  # an int: asyncio.sleep(s) makes a float every time

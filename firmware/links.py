@@ -6,6 +6,6 @@
 LINKS = (
     ("modbus-rtu", ("regmap", "modbus_slave", "modbus", "gw_modbus")),
     ("modbus-tcp", ("regmap", "modbus_slave", "tcp_link", "modbus_tcp", "gw_modbus")),
-    ("cbor-serial", ("cbor_wire", "msg_link", "gw_cbor")),
+    ("cbor-serial", ("cbor_wire", "msg_link", "cbor_serial", "gw_cbor")),
     ("cbor-tcp", ("cbor_wire", "msg_link", "tcp_link", "cbor_tcp", "gw_cbor")),
 )

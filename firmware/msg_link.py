@@ -607,7 +607,9 @@ class Link:
 
     def _send(self, msg):
         try:
-            self._write(encode_frame(dumps(msg), self.reader.max_payload))
+            payload = bytearray()  # encoded into, not copied out of dumps() as bytes first
+            dumps(msg, payload, 0)
+            self._write(encode_frame(payload, self.reader.max_payload))
         except Exception:  # unencodable, too long, or the transport failed
             self.counters["tx_failures"] += 1
             return False

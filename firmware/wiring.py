@@ -62,7 +62,9 @@ def init(app, machine, config_path, store_prefix, pins, use_wdt):
                                     quantum_wh=int(cfg["energy_quantum_wh"]),
                                     quantum_ms=int(cfg["energy_quantum_s"]) * 1000)
     store.load()
-    ctl = app.ctl = Controller(None if errors else cfg, store.session_id + 1)
+    # A ring of 4 session events, not the default 16: the control task pops them after every
+    # step, a step pushes at most 2 (an error, and a stop or a start), the boot 1 (power loss).
+    ctl = app.ctl = Controller(None if errors else cfg, store.session_id + 1, 4)
     if errors:
         ctl.fail(ERR_CONFIG)  # safe, non-charging; the link reports why
     elif store.session_active:
@@ -120,11 +122,12 @@ def link(app, mode):
 
 def serve_serial(app, mode, line, de):
     """The task body serving the link of a serial mode on the UART `line` (RS-485: `de`
-    drives the bus only while sending). The RTU loop is taken by its loaded name, as in
-    serve_tcp()."""
+    drives the bus only while sending). The serial loop is taken by its loaded name
+    (firmware/links.py loads it for the mode), as in serve_tcp()."""
+    mods = sys.modules
     if mode in _MODBUS:
-        return sys.modules["firmware.modbus"].serve_rtu(app.link, line, de, clock, asyncio, app.link_alive)
-    return app.link.serve_serial(line, de, clock, asyncio, app.link_alive)
+        return mods["firmware.modbus"].serve_rtu(app.link, line, de, clock, asyncio, app.link_alive)
+    return mods["firmware.cbor_serial"].serve_serial(app.link, line, de, clock, app.link_alive)
 
 
 def serve_tcp(app, mode):
@@ -143,7 +146,7 @@ def serve_tcp(app, mode):
 
 async def start(app):
     """Load every module the column runs on and build the meter reader and the link, then
-    start the tasks (in app.tasks; App.run() adds the watchdog): code loaded between the
+    start the tasks (in app.tasks; the control task feeds the watchdog): code loaded between the
     tasks' allocations would leave the heap fragmented."""
     cfg = app.cfg
     hal = app.hal

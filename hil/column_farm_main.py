@@ -15,7 +15,8 @@
 # link is point to point, so hil/rig/column_farm.py puts one such column on a line). The meter
 # answers in-process from the column's own simulated SDM registers (firmware/sdm.py maps),
 # read by the column's real meter driver (App.meter_task's body, run for every column by
-# one task every 50 ms). Not run: the watchdog task (the virtual board has no WDT).
+# one task every 50 ms). No WDT: the columns are built with use_wdt=False, so the control
+# task, which feeds a board's WDT, feeds nothing.
 # Shared between columns: the interpreter, the loop and the firmware's code; never state.
 #
 # IO_PTY carries JSON lines. In: {"i": 3, "cp_mv": 6000, "diode": 1, "pp_ohms": 220,

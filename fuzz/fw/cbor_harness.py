@@ -1,7 +1,9 @@
-# Fuzz harness for the column's CBOR link: firmware/frames.py (frame reader), cbor.py
-# (decoder), messages.py (validation) and cbor_link.py + gw_cbor.py (the link and the
-# column's handlers), driven as CborLink.serve_tcp / serve_serial drive them: bytes in,
-# the app's periodic refresh, quiet lines. MicroPython-compatible.
+# Fuzz harness for the column's CBOR link: the frame reader and decoder (firmware/cbor_wire.py,
+# named for host code by frames.py and cbor.py), the contract's validation and the link
+# (msg_link.py, named by messages.py and cbor_link.py) and the column's handlers (gw_cbor.py's
+# CborLink), driven as the column's transports drive the link (firmware/cbor_tcp.py's server
+# task, firmware/cbor_serial.py's serve_serial(link, line, de, clock, alive)): connected(),
+# bytes in through on_bytes(), the app's periodic refresh(), quiet lines. MicroPython-compatible.
 #
 # Oracle: no exception out; the link's internal_errors, handler_errors, callback_errors and
 # tx_failures stay 0 (a handler of ours that crashes is a bug, not a bad input); everything

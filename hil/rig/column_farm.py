@@ -6,7 +6,8 @@ on a small machine. The farm (hil/column_farm_main.py, CPython or the MicroPytho
 port, from the .mpy bundle) hosts every column in one interpreter, each its own
 firmware.app.App on a virtual board of its own, built by the app's boot code and running
 its own control task and link server; one asyncio loop drives them all. What the farm
-does not run per column: the watchdog task, and a meter process (each column's meter
+does not have per column: a WDT (columns are built with use_wdt=False, so the control task,
+which feeds a board's WDT, feeds nothing), and a meter process (each column's meter
 answers in-process, read by the column's own meter driver).
 
 Link modes: modbus-tcp and cbor-tcp columns listen on their own ports; modbus-rtu columns

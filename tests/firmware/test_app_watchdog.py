@@ -74,6 +74,13 @@ def test_a_dead_link_task_stops_the_feeding():
     assert later == 0, later
 
 
+def test_a_dead_control_task_stops_the_feeding():
+    # The control task feeds the WDT itself: once it is gone, nothing feeds.
+    healthy, later = asyncio.run(_scenario("control"))
+    assert healthy >= 2, healthy
+    assert later == 0, later
+
+
 def test_a_config_without_a_link_boots_safe_without_crashing():
     machine.board.clear()
     with open("column.json", "w") as f:

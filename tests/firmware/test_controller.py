@@ -6,11 +6,13 @@ from firmware.controller import DEFAULTS, Controller
 from firmware.limits import REJECTED
 from firmware.pilot import DUTY_NO_CURRENT, DUTY_STATE_F, duty_for_current_da
 from firmware.pilot_decode import current_da_for_duty
+from firmware.session import EV_ERROR, EV_SESSION_START, EV_SESSION_STOP, STOP_EMERGENCY, STOP_POWER_LOSS
 from firmware.status import (
     CP_A,
     CP_B,
     CP_C,
     ERR_CONFIG,
+    ERR_GROUND,
     ERR_NONE,
     SRC_CABLE,
     SRC_FAILSAFE,
@@ -184,3 +186,43 @@ def test_contactor_only_in_c_with_the_pilot_on():
             if rig.ctl.contactor_on:
                 assert rig.ctl.cp_state == CP_C and rig.ctl.pwm_on
             n += 1
+
+
+def test_a_four_event_ring_popped_after_every_step_loses_no_session_event():
+    # The app's ring (firmware/wiring.py): 4 events, popped after every step. A power cut
+    # closed at boot, then sessions, a residual-current trip (its error and its stop in one
+    # step) and unplugging: every event is told, in order.
+    rig = Rig(cfg(min_pause_s=0, pwm_min_change_interval_s=0), pp_ohms=220)
+    c = rig.ctl = Controller(cfg(min_pause_s=0, pwm_min_change_interval_s=0), 5, 4)
+    c.record_power_loss(4, 900)
+    told = []
+    most = 0
+
+    def run(ms):
+        nonlocal most
+        end = rig.t + ms
+        while rig.t < end:
+            rig.step()
+            most = max(most, len(c.events))
+            while len(c.events):
+                told.append(c.events.pop())
+
+    run(10)
+    for _ in range(2):
+        rig.ev = CP_B
+        run(200)
+        rig.ev = CP_C
+        rig.draw_da = 60
+        run(500)
+        rig.rcd = True
+        run(100)
+        rig.rcd = False
+        rig.ev = CP_A
+        rig.draw_da = 0
+        run(300)
+    kinds = [(e[0], e[3]) for e in told]
+    assert kinds[0] == (EV_SESSION_STOP, STOP_POWER_LOSS), kinds
+    assert kinds.count((EV_ERROR, ERR_GROUND)) == 2, kinds
+    assert kinds.count((EV_SESSION_STOP, STOP_EMERGENCY)) == 2, kinds
+    assert [k for k, _ in kinds].count(EV_SESSION_START) == 2, kinds
+    assert c.events.lost == 0 and 2 <= most <= 3, (c.events.lost, most)

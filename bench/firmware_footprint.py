@@ -6,18 +6,34 @@ loaded from its .mpy bundle as a board loads it, and the cost of its control ste
   copies): the .mpy files plus boot.py/main.py, per link mode; the headline is the largest, the
   bundle a board of the largest mode carries. The all-modes bundle (``make firmware``) is
   reported next to it. Baseline: the firmware's Python sources.
+- Module paths: the code-heap probe and every column import the bundle as a board does.
+  ``tools.flash`` copies a mode's files to the board's filesystem root (``firmware/app.mpy``,
+  ...), the working directory a board boots in, and a board's ``sys.path`` starts with ``''``:
+  so both run in the bundle's folder (a column in a copy of it, with its column.json at the
+  root, as flashed) with ``''`` first on their path, and every firmware
+  module's ``__file__``, a path MicroPython interns on import, is the board's string
+  (``firmware/app.mpy``, checked against ``tools.flash`` in every run and reported as
+  ``app_file``), not a temporary folder's, which cost about 1.3 KB more code heap and 2 KB
+  more peak (the peak also holds the paths of the boot-time modules the app unloads).
 - ``code_heap_bytes``: ``gc.mem_alloc()`` after a collection once every module a running column
   loads (listed by booting the real app, bench/mpy/app_modules.py) is imported, with asyncio (and
   the asyncio submodules the column loads on demand) and the virtual board's ``machine``
   (bench/mpy/code_heap.py). Baseline: the empty interpreter.
-- ``peak_heap_bytes``: the highest ``heap_used`` (gc.mem_alloc) that hil/vcolumn_main.py reports
-  during a charging session with the meter polled and the gateway's own adapter on the link
-  (polls, heartbeats, a new limit every 0.5 s), in every link mode, each column loaded from its
-  mode's own bundle; the collector runs after every 1 KB allocated (bench/mpy/vcolumn_gc.py) so
-  the figure is live data plus at most ~1 KB of garbage. ``data_heap_bytes`` = peak - code of
-  the same link mode (it still holds the harness's own code and data, which a board does not
-  carry: the table gives the harness's code next to it); the headline is the link mode with
-  the highest peak, and every mode is judged against the goals on its own in the table.
+- ``peak_heap_bytes``: the firmware's peak, judged against the goal: the highest ``heap_used``
+  (gc.mem_alloc) that hil/vcolumn_main.py reports during a charging session with the meter
+  polled and the gateway's own adapter on the link (polls, heartbeats, a new limit every 0.5 s),
+  in every link mode, each column loaded from its mode's own bundle, minus the code of that
+  harness, which a board does not have (``harness_code_heap_bytes``: bench/mpy/code_heap.py
+  compiles and runs hil/vcolumn_main.py's source up to the line that starts the column, after
+  the firmware's modules, and takes the growth of ``gc.mem_alloc()`` after a collection). The
+  peak as measured, harness code included, is ``peak_heap_bytes_with_harness``. Nothing else
+  is subtracted: the harness's data (its line buffers, task, state, its scripts' paths) and
+  the virtual board's ``machine`` stay in. The collector runs after every 1 KB allocated
+  (bench/mpy/vcolumn_gc.py) so the figure is live data plus at most ~1 KB of garbage; next to
+  it, ``live_heap_at_peak_bytes`` is the heap after a collection run right after that sample
+  (the harness's code subtracted too; informational). ``data_heap_bytes`` = peak - code of
+  the same link mode. The headline is the link mode with the highest peak, and every mode is
+  judged against the goals on its own in the table.
 - ``allocs_per_step``: steps of a charging session that allocate, each run under
   ``micropython.heap_lock()`` (bench/mpy/control_step.py); the step time is the same session on
   both interpreters (CPython is the baseline).
@@ -28,6 +44,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -47,6 +65,7 @@ from hil.rig.ports import free_port
 from hil.rig.serial_pair import SerialPair
 from hil.rig.vcolumn import VirtualColumn
 from tools.firmware_build import build
+from tools.flash import bundle_files
 
 MPY = Path(__file__).resolve().parent / "mpy"
 HEAP = "128K"
@@ -98,13 +117,23 @@ def firmware_modules(names: list[str]) -> list[str]:
     return [n for n in names if n == "firmware" or n.startswith("firmware.")]
 
 
-def code_heap(modules: list[str], bundle: Path, work: Path) -> dict[str, int]:
-    # A file, not argv: the unix port dies ("uncaught NLR") on a long argument here.
-    (work / "modules.txt").write_text("\n".join(modules) + "\n")
+def board_app_path(bundle: Path, mode: str) -> str:
+    """firmware.app's __file__ on a board of `mode`: where tools.flash copies app.mpy, relative
+    to the filesystem root, which is the working directory a board boots in ('' on sys.path)."""
+    return next(f.remote for f in bundle_files(bundle, mode) if f.remote.rpartition("/")[2] == "app.mpy")
+
+
+def code_heap(modules: list[str], bundle: Path, work: Path) -> dict[str, Any]:
+    """Run in the bundle's folder, so the modules are imported from the board's paths."""
+    # A file, not argv: the unix port dies ("uncaught NLR") on a long argument here. Named
+    # relative to the bundle: argv is on the heap before the empty interpreter's figure.
+    listing = work / "modules.txt"
+    listing.write_text("\n".join(modules) + "\n")
     harness = str(REPO / "hil" / "vcolumn_main.py")
     # gc.mem_alloc() does not depend on the heap's size; a larger one leaves room to compile
     # the harness's source next to the CBOR link's code (a column never compiles source).
-    return json.loads(_mpy("code_heap.py", ["modules.txt", harness], bundle, work, heap=PROBE_HEAP))
+    return json.loads(_mpy("code_heap.py", [os.path.relpath(listing, bundle), harness], bundle, bundle,
+                           heap=PROBE_HEAP))
 
 
 # -- a charging session per link mode, heap sampled by the running column ------------------------------
@@ -125,7 +154,7 @@ def _adapter(mode: str, col: VirtualColumn) -> Any:
 async def _drive(col: VirtualColumn, mode: str, seconds: float) -> None:
     """Plug a car in, then a new limit every 0.5 s through the gateway's adapter for the link."""
     cid = col.config["column_id"]
-    col.board(cp_mv=9000, diode=1, pp_ohms=220)
+    col.board(cp_mv=9000, diode=1, pp_ohms=220, live=1)   # live: heap_live after each sample
     await asyncio.sleep(0.3)
     col.board(cp_mv=6000)
     col.meter.set_load([10.0, 10.0, 10.0])
@@ -164,26 +193,38 @@ def _gc_runner() -> Iterator[None]:
 def sessions(modes: tuple[str, ...], bundles: dict[str, Path], work: Path,
              seconds: float) -> dict[str, dict[str, Any]]:
     """One column per link mode, each from its mode's bundle, all at once; each one's heap
-    reports and what it did."""
+    reports (as measured: the harness's code is in them) and what it did. Each column runs in
+    a copy of its bundle, the board's filesystem root, with its column.json beside boot.py."""
+    roots = {}
+    for m in modes:
+        roots[m] = work / m
+        shutil.copytree(bundles[m], roots[m])
+    out: dict[str, dict[str, Any]] = {}
     with ExitStack() as stack:
         stack.enter_context(_gc_runner())
-        cols = {m: stack.enter_context(VirtualColumn("micropython", work / m, _config(m), bundle=bundles[m],
+        cols = {m: stack.enter_context(VirtualColumn("micropython", roots[m], _config(m), bundle=roots[m],
                                                      heap=HEAP)) for m in modes}
 
         async def main() -> None:
             await asyncio.gather(*(_drive(col, m, seconds) for m, col in cols.items()))
 
         asyncio.run(main())
-        out: dict[str, dict[str, Any]] = {}
         for m, col in cols.items():
             col.outputs()
             log = col.board_log
-            heap = [int(e.get("heap_used", 0)) for e in log if e.get("heap_used")]
+            samples = [e for e in log if e.get("heap_used")]
+            peak = max(samples, key=lambda e: int(e["heap_used"])) if samples else {}
             charging = [e for e in log if e.get("status") == ST_CHARGING and e.get("contactor")]
             offers = sorted({int(e.get("offered_da", 0)) for e in charging})
-            out[m] = {"heap_samples": len(heap), "peak_heap_bytes": max(heap) if heap else None,
-                      "first_heap_bytes": heap[0] if heap else None,
+            out[m] = {"heap_samples": len(samples),
+                      "peak_heap_bytes_with_harness": int(peak["heap_used"]) if peak else None,
+                      "live_heap_at_peak_bytes_with_harness": peak.get("heap_live"),
+                      "first_heap_bytes_with_harness": int(samples[0]["heap_used"]) if samples else None,
                       "charged": bool(charging), "offers_da_while_charging": offers}
+    for m, col in cols.items():   # stopped: what each printed, its firmware.app path first
+        text = col.output.decode(errors="replace")
+        paths = [ln.split()[-1] for ln in text.splitlines() if ln.startswith("vcolumn_gc: firmware.app ")]
+        out[m]["app_file_column"] = paths[0] if paths else None
     return out
 
 
@@ -228,6 +269,13 @@ def run(ctx: Context) -> dict[str, Any]:
         b = bundles[m]
         mods = app_modules(m, b.root, work / ("probe-" + m))
         heap = code_heap(mods, b.root, work)
+        board_path = board_app_path(b.root, m)
+        if heap["app_file"] != board_path:
+            raise RuntimeError(f"{m}: the code-heap probe imported firmware.app from {heap['app_file']!r}, "
+                               f"a board from {board_path!r}")
+        if heap["harness"] < 0:
+            raise RuntimeError(f"{m}: the harness's code was not measured (hil/vcolumn_main.py changed "
+                               "its last line?): the firmware's peak cannot be told from the harness's")
         fw_mods = firmware_modules(mods)
         mpy_files = [b.root / (n.replace(".", "/") + ".mpy") for n in fw_mods if n != "firmware"]
         mpy_files.append(b.root / "firmware" / "__init__.mpy")
@@ -235,20 +283,26 @@ def run(ctx: Context) -> dict[str, Any]:
                        "modules": len(fw_mods), "library_modules": sorted(set(mods) - set(fw_mods)),
                        "code_heap_bytes": heap["code"],
                        "platform_heap_bytes": heap["platform"], "empty_heap_bytes": heap["empty"],
-                       "harness_code_heap_bytes": heap["harness"] if heap["harness"] >= 0 else None,
+                       "harness_code_heap_bytes": heap["harness"],
+                       "app_file": board_path, "app_file_code_probe": heap["app_file"],
                        "loaded_mpy_bytes": sum(f.stat().st_size for f in mpy_files if f.exists()),
                        "largest_mpy_files": [{"file": f.name, "bytes": f.stat().st_size} for f in
                                              sorted(b.files, key=lambda f: -f.stat().st_size)[:5]]}
     ctx.log("firmware_footprint: charging sessions in " + ", ".join(modes))
     for m, s in sessions(modes, {m: b.root for m, b in bundles.items()}, work / "sessions",
                          5.0 if ctx.quick else 12.0).items():
-        per_mode[m].update(s)
-        if s["peak_heap_bytes"] is not None:
-            p = per_mode[m]
-            p["data_heap_bytes"] = s["peak_heap_bytes"] - p["code_heap_bytes"]
-            if p["harness_code_heap_bytes"] is not None:
-                p["data_heap_bytes_without_harness_code"] = (p["data_heap_bytes"]
-                                                             - p["harness_code_heap_bytes"])
+        p = per_mode[m]
+        p.update(s)
+        if s["app_file_column"] is not None and s["app_file_column"] != p["app_file"]:
+            raise RuntimeError(f"{m}: the column imported firmware.app from {s['app_file_column']!r}, "
+                               f"a board from {p['app_file']!r}")
+        # The firmware's figures: the measured heap less the harness's code (a board has none).
+        harness = p["harness_code_heap_bytes"]
+        raw = s["peak_heap_bytes_with_harness"]
+        p["peak_heap_bytes"] = None if raw is None else raw - harness
+        p["data_heap_bytes"] = None if raw is None else raw - harness - p["code_heap_bytes"]
+        live = s["live_heap_at_peak_bytes_with_harness"]
+        p["live_heap_at_peak_bytes"] = None if live is None else live - harness
     for p in per_mode.values():
         p["goals"] = _judge(p)
     step = control_step(everything.root, work, 3000 if ctx.quick else 6000, 3 if ctx.quick else 7)
@@ -264,8 +318,10 @@ def run(ctx: Context) -> dict[str, Any]:
         "peak_heap_bytes": w.get("peak_heap_bytes"),
         "data_heap_bytes": w.get("data_heap_bytes"),
         "allocs_per_step": 0 if step["steps_that_allocated"] == 0 else allocs,
-        "data_heap_bytes_without_harness_code": w.get("data_heap_bytes_without_harness_code"),
+        "peak_heap_bytes_with_harness": w.get("peak_heap_bytes_with_harness"),
         "harness_code_heap_bytes": w.get("harness_code_heap_bytes"),
+        "live_heap_at_peak_bytes": w.get("live_heap_at_peak_bytes"),
+        "app_file": w["app_file"],
         "step_time_ratio_mpy_vs_cpython": step["ratio"],
         "link_mode": worst,
         "bundle_link_mode": largest,
@@ -303,11 +359,14 @@ def run(ctx: Context) -> dict[str, Any]:
     result["notes"] = _notes(result, per_mode, modes)
     result["bottleneck"] = _bottlenecks(result, checks, per_mode, modes)
     result["table"] = {
-        "header": ["link mode", "bundle", "modules loaded", "loaded .mpy", "code heap", "peak heap",
-                   "data heap", "of it harness code", "samples", "charged", "goals met"],
+        "header": ["link mode", "bundle", "modules loaded", "loaded .mpy", "code heap",
+                   "peak heap (firmware)", "peak measured, with harness code", "harness code (subtracted)",
+                   "data heap (peak − code)", "live heap at the peak sample", "samples", "charged",
+                   "goals met"],
         "rows": [[m, _kb(p["bundle_bytes"]), p["modules"], _kb(p["loaded_mpy_bytes"]),
-                  _kb(p["code_heap_bytes"]), _kb(p.get("peak_heap_bytes")), _kb(p.get("data_heap_bytes")),
-                  _kb(p.get("harness_code_heap_bytes")),
+                  _kb(p["code_heap_bytes"]), _kb(p.get("peak_heap_bytes")),
+                  _kb(p.get("peak_heap_bytes_with_harness")), _kb(p.get("harness_code_heap_bytes")),
+                  _kb(p.get("data_heap_bytes")), _kb(p.get("live_heap_at_peak_bytes")),
                   p.get("heap_samples"), "yes" if p.get("charged") else "no", _met(p["goals"])]
                  for m, p in per_mode.items()],
     }
@@ -321,6 +380,10 @@ def _met(goals: dict[str, bool]) -> str:
 
 def _within(value: int | None, goal: int) -> bool:
     return value is not None and value <= goal
+
+
+def _minus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a - b
 
 
 def _kb(n: int | None) -> str:
@@ -339,13 +402,25 @@ def _notes(r: dict[str, Any], per_mode: dict[str, dict[str, Any]], modes: tuple[
         f"are from the 64-bit unix port with a {HEAP} heap (objects are larger than on a 32-bit board).",
         f"code heap = firmware modules + asyncio (with any submodule the column loads on demand; "
         f"the TCP modes serve plain sockets, no asyncio.stream) + the virtual board's machine module; "
-        f"of it the firmware's "
-        f"own modules take {_kb(r['firmware_code_heap_bytes'])}. The data heap includes the test harness: "
-        f"hil/vcolumn_main.py's own code takes {_kb(r['harness_code_heap_bytes'])} (its source compiled and "
-        f"run up to the line that starts the column), which leaves "
-        f"{_kb(r['data_heap_bytes_without_harness_code'])} of data.",
+        f"of it the firmware's own modules take {_kb(r['firmware_code_heap_bytes'])}.",
         f"Peak heap is sampled by the column itself at every pilot or contactor change (heap_used), "
-        f"with the collector run after every {r['gc_threshold_bytes']} B allocated.",
+        f"with the collector run after every {r['gc_threshold_bytes']} B allocated. The column runs in "
+        f"the virtual board's harness (hil/vcolumn_main.py), which a board does not have: the peak and "
+        f"data heap judged are the firmware's, the measured peak less the harness's code "
+        f"({_kb(r['harness_code_heap_bytes'])} in {r['link_mode']}, per mode in the table: its source up "
+        f"to the line that starts the column, compiled and run after the firmware's modules by the "
+        f"code-heap probe, the growth of gc.mem_alloc() after a collection). As measured, harness code "
+        f"included, {r['link_mode']} peaked at {_kb(r['peak_heap_bytes_with_harness'])} "
+        f"(peak_heap_bytes_with_harness). Nothing else is subtracted: the harness's data (line buffers, "
+        f"its task and state, its scripts' paths) and the virtual board's machine module stay in.",
+        f"Module paths as on a board: each column and probe runs in its bundle's folder with '' first on "
+        f"sys.path, as a board boots in its filesystem root, so firmware.app's __file__ (a path "
+        f"MicroPython interns) is {r['app_file']!r}, where tools.flash puts it (checked in every run, "
+        f"in the code-heap probe and in every column).",
+        f"Live heap at the peak sample (informational): the column runs gc.collect() right after each "
+        f"heap_used sample and reports gc.mem_alloc() (heap_live); in {r['link_mode']} "
+        f"{_kb(r['live_heap_at_peak_bytes'])} (less the harness's code), so the peak holds "
+        f"{_kb(_minus(r['peak_heap_bytes'], r['live_heap_at_peak_bytes']))} of garbage.",
         f"Control step: {step['steps_locked']} steps of a whole charging session under heap_lock, "
         f"{step['steps_that_allocated']} allocated (heap_lock proven to catch an allocation: "
         f"{step['heap_lock_catches_allocations']}); {step['us_per_step']['micropython']} µs per step on "
@@ -375,7 +450,8 @@ def _bottlenecks(r: dict[str, Any], checks: dict[str, bool], per_mode: dict[str,
                    f"{_kb(r['code_heap_bytes'])} ({share:.0f} %) + data {_kb(r['data_heap_bytes'])}. The "
                    f"firmware's code takes {_kb(expand)} of RAM for {_kb(w['loaded_mpy_bytes'])} of .mpy "
                    f"({expand / max(1, w['loaded_mpy_bytes']):.1f}x on this 64-bit port); the data figure "
-                   f"includes the harness's code ({_kb(w.get('harness_code_heap_bytes'))}) and line buffers.")
+                   f"still holds the harness's data (line buffers, its task and state), not its code "
+                   f"({_kb(w.get('harness_code_heap_bytes'))}, subtracted).")
     if not checks["allocs_per_step"]:
         out.append("the control step allocates: see control_step.steps_that_allocated")
     return out

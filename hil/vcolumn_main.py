@@ -8,7 +8,9 @@
 # follows its coil, 0/1 = stuck). Out: a line whenever the pilot duty or the contactor
 # changes: {"t": ms, "duty": 5000, "contactor": 1, "offered_da": 300, "status": 2,
 # "heap_used": bytes}. MicroPython-compatible code only (it runs on the unix port), kept
-# small: its code shares the column's heap (a few functions, no classes).
+# small: its code shares the column's heap (a few functions, no classes). {"live": 1} in adds
+# "heap_live" to every line out: gc.mem_alloc() after a gc.collect() run right after the
+# heap_used sample (bench/firmware_footprint.py).
 #
 # {"tap": 1} in adds the firmware's own view to every line out, for a harness that is not
 # the gateway on the link (hil/replay/site_target.py): CP state "cp", limit source "src",
@@ -95,6 +97,7 @@ async def board_world(io, column):
     rx = bytearray(256)  # reused: reading into a new buffer every 5 ms would churn the heap
     last = None
     tap = None
+    live = 0
     while True:
         changed = False
         n = io.readinto(rx)
@@ -112,6 +115,7 @@ async def board_world(io, column):
                         board.adc_u16[pins["pp_adc"]] = hal.pp_ohms_to_raw(int(msg["pp_ohms"]))
                     if "rcd" in msg:
                         board.pin_levels[pins["rcd"]] = int(msg["rcd"])
+                    live = int(msg.get("live", live))
                     if msg.get("tap") and tap is None:
                         tap = tap_link(column.ctl, clock.ticks_ms())
                 except (ValueError, KeyError, TypeError, AttributeError):
@@ -136,6 +140,9 @@ async def board_world(io, column):
                            err=ctl.error, wh=column.energy_wh, na=tap[0], ada=tap[1],
                            nh=tap[3], nf=tap[4], fda=tap[5])
                 out["as"] = tap[2]
+            if live and hasattr(gc, "mem_alloc"):
+                gc.collect()
+                out["heap_live"] = gc.mem_alloc()
             io.write(json.dumps(out).encode() + b"\n")
         await asyncio.sleep(0.005)
 

@@ -5,11 +5,18 @@
 # bench/mpy/app_modules.py listed them) imported one at a time with a collection after each,
 # as App.run() does. With argv[2] (hil/vcolumn_main.py), also the harness script's own code:
 # its source up to the line that starts the column, compiled and run (it only defines
-# functions). Prints one JSON line. MicroPython-compatible code only.
+# functions). Prints one JSON line, with firmware.app's __file__ ("app_file") to show where
+# the firmware was imported from. MicroPython-compatible code only.
+#
+# Run with the bundle's folder as the working directory: sys.path[0] (the script's own folder)
+# becomes '', a board's first entry, so the firmware is imported as on a board, where the
+# working directory is the filesystem root, and every module's path (interned as its
+# __file__) is the board's: firmware/app.mpy, not a temporary folder's.
 import gc
 import json
 import sys
 
+sys.path[0] = ""
 gc.collect()
 empty = gc.mem_alloc()
 import asyncio  # noqa: E402, F401
@@ -41,5 +48,7 @@ if len(sys.argv) > 2:
         src = None
         gc.collect()
         harness = gc.mem_alloc() - code
+app = sys.modules.get("firmware.app")
 print(json.dumps({"empty": empty, "platform": platform, "code": code, "modules": len(names),
-                  "harness": harness, "heap_total": gc.mem_alloc() + gc.mem_free()}))
+                  "harness": harness, "heap_total": gc.mem_alloc() + gc.mem_free(),
+                  "app_file": getattr(app, "__file__", None)}))

@@ -44,8 +44,8 @@ def refreeze() -> int:
     gc.unfreeze()
     collected = gc.collect()
     gc.freeze()
-    log.debug("collector: %d objects collected, %d frozen, in %.0f ms", collected, gc.get_freeze_count(),
-              1000 * (time.perf_counter() - started))
+    log.info("collector: full pass: %d objects collected, %d frozen, in %.0f ms",
+             collected, gc.get_freeze_count(), 1000 * (time.perf_counter() - started))
     return collected
 
 

@@ -123,7 +123,7 @@ _VALIDITY_SLACK_S = 5.0       # a column's validity left may trail ours by this 
 _READBACK_SLACK_S = 2.0       # validity read back after a broadcast: whole seconds + the poll's age
 _MIN_STEP_GAP_S = 0.05        # event-driven steps at most this often
 SLICE_MIN_COLUMNS = 500       # from this many columns the periodic step runs in slices ...
-STEP_SLICE = 500              # ... of this many columns each (~3 ms of the loop at each stage)
+STEP_SLICE = 500              # ... of this many columns each (a few ms of the loop each)
 ACK_WAIT_S = 2.0              # a command's ack waits this long for the columns' writes
 TELEMETRY_SLICE = 250         # columns per slice of a telemetry round (~8 ms of the loop each)
 SHUTDOWN_WAIT_S = 5.0         # final limit writes at shutdown
@@ -382,7 +382,7 @@ class GatewayService:
         self.plan: FailsafePlan = plan_failsafe(self.site)
         self.alloc_state = AllocatorState()
         self.allocation: Allocation | None = None
-        self._step_generation = 0               # steps begun; an offloaded step finishing late is dropped
+        self._step_generation = 0               # steps begun; a sliced step overtaken is dropped
         self.slice_min_columns = SLICE_MIN_COLUMNS
         self._load_state = LoadCheckState()
         self._overrides = _Overrides()
@@ -795,7 +795,7 @@ class GatewayService:
     async def _safe_step_sliced(self) -> None:
         """The step of a large site, the event loop free between slices of STEP_SLICE columns:
         the columns are read and their sessions' demands worked out, slice by slice; the
-        site-wide part of the allocation and the load check run at once (~10 ms at 5,000
+        site-wide part of the allocation and the load check run at once (~15 ms at 5,000
         columns); then the offers are finished and the limits sent, slice by slice. A step that
         begins meanwhile (a command's, at once on the loop) supersedes this one."""
         try:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from firmware import regmap, status, status_names
+from gateway.recv_into import RecvIntoProtocol
 
 _MBAP = struct.Struct(">HHHB")
 
@@ -64,10 +65,11 @@ class Stats:
         self.requests: dict[int, int] = {}
 
 
-class Column(asyncio.Protocol):
+class Column(RecvIntoProtocol):
     """One client connection; any unit id answers from the same image."""
 
     def __init__(self, image: bytes, stats: Stats) -> None:
+        self.init_reads(512)   # reads into a buffer of its own, as the gateway's client does
         self.image = bytearray(image)   # this connection's column
         self.stats = stats
         self.buf = b""

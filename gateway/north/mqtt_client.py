@@ -35,6 +35,7 @@ from typing import Any
 
 from gateway.north import mqtt_packets as mp
 from gateway.north.mqtt_packets import ProtocolError, PubAck, Publish
+from gateway.recv_into import RecvIntoProtocol
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,15 @@ async def connect(options: ConnectOptions, listener: ClientListener | None = Non
     return conn
 
 
-class MqttConnection(asyncio.Protocol):
+_READ_SIZE = 65536   # bytes taken from the broker's stream at a time (a batch of PUBACKs: 4 each)
+
+
+class MqttConnection(RecvIntoProtocol):
     """One connection; made by connect()."""
 
     def __init__(self, options: ConnectOptions, listener: ClientListener,
                  loop: asyncio.AbstractEventLoop) -> None:
+        self.init_reads(_READ_SIZE)
         self.options = options
         self.listener = listener
         self.protocol = options.protocol

@@ -34,6 +34,7 @@ import serial  # type: ignore[import-untyped]
 from firmware import messages, status, status_names
 from firmware.cbor_link import Link
 from firmware.messages import ERROR, MessageError
+from gateway.recv_into import RecvIntoProtocol
 from gateway.south.modbus_bus import Backoff, wall_ms
 from gateway.south.types import (
     REASON_DISCONNECTED,
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 REASON_REJECTED = "rejected"         # the column answered Rejected
 REASON_BAD_REQUEST = "bad_request"   # the call breaks the contract; nothing was sent
 MAX_VALIDITY_S = 86400               # SetChargingLimit.validityS in firmware/messages.py
+_READ_SIZE = 4096                    # bytes taken from a column's stream at a time (a frame: <= 1029)
 _BAD_COUNTERS = ("bad_crc", "oversize", "bad_cbor", "bad_messages", "unknown_actions", "unsupported")
 
 
@@ -187,8 +189,9 @@ def _lose(closed: asyncio.Future[str], why: str) -> None:
         closed.set_result(why)
 
 
-class _TcpConn(asyncio.Protocol):
+class _TcpConn(RecvIntoProtocol):
     def __init__(self, on_data: Callable[[bytes], None], max_tx: int) -> None:
+        self.init_reads(_READ_SIZE)
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._on_data = on_data
         self._max_tx = max_tx
@@ -239,7 +242,7 @@ class _SerialConn:
 
     def _readable(self) -> None:
         try:
-            data = os.read(self._fd, 4096)
+            data = os.read(self._fd, _READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from firmware.modbus_tcp import MBAP_LEN, TCP_MAX
+from gateway.recv_into import RecvIntoProtocol
 from gateway.south.coarse_timer import CoarseTimer
 from gateway.south.modbus_bus import ExchangeError
 from gateway.south.types import (
@@ -67,12 +68,13 @@ def _registers(count: int) -> struct.Struct:
     return struct.Struct(">%dH" % count)
 
 
-class _Link(asyncio.Protocol):
+class _Link(RecvIntoProtocol):
     """The connection: frames in, the pending request settled (its future, or its callback)."""
 
     __slots__ = ("buf", "done", "fc", "future", "rx", "tid", "transport", "unit")
 
     def __init__(self) -> None:
+        self.init_reads(2 * TCP_MAX)   # a reply, and a late one before it
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.tid = 0                      # transaction id of the pending request

@@ -15,10 +15,10 @@ long each telemetry round takes and how long each of its slices holds the event 
 (GatewayService.telemetry_round, _column_telemetry and the outbox transaction); the event
 loop's time in each control step (GatewayService._open_step, _collect, _step_inputs,
 _solve_step, _finish_slice, _close_step, _send_limits, and _Step.run, a small site's
-allocation at once); each garbage
-collection's pause (gc.callbacks); and from these where the CPU per column went. RSS at the
-end. With --profile, cProfile records the event loop's thread during the second window. It
-writes OUT.json, then stops the service cleanly.
+allocation at once); each garbage collection's pause (gc.callbacks); and from these where the
+CPU per column went. RSS at the end, and its high-water mark (the start included). With
+--profile, cProfile records the event loop's thread during the second window. It writes
+OUT.json, then stops the service cleanly.
 """
 
 from __future__ import annotations
@@ -187,9 +187,10 @@ def thread_cpu_s() -> dict[str, float]:
     return out
 
 
-def rss_kb() -> int:
+def rss_kb(field: str = "VmRSS") -> int:
+    """The process's resident memory now (VmRSS), or its high-water mark (VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -228,7 +229,8 @@ async def measure(service: GatewayService, settle_s: float, window_s: float, onl
     return {
         "columns": n, "online": online, "online_after_s": round(online_s, 1),
         "start_backlog_drained_after_s": round(drained_s, 1), **verdict, **timed,
-        "rss_kb": rss_kb(), "telemetry_interval_s": service.telemetry_interval_s,
+        "rss_kb": rss_kb(), "rss_peak_kb": rss_kb("VmHWM"),
+        "telemetry_interval_s": service.telemetry_interval_s,
     }
 
 

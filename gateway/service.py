@@ -527,9 +527,11 @@ class GatewayService:
         self._safe_step()
         done = await self.flush_limits(SHUTDOWN_WAIT_S)
         ok = sorted(cid for cid, v in self.views.items() if v.online and not v.need_sync)
-        left = sorted(cid for cid, v in self.views.items() if cid not in ok)
-        log.info("hand-over: failsafe confirmed on %s; not reached: %s%s", ok or "none", left or "none",
-                 "" if done else " (writes still running)")
+        confirmed = set(ok)
+        left = sorted(cid for cid in self.views if cid not in confirmed)
+        log.info("hand-over: failsafe confirmed on %s; not reached: %s%s", _some(ok), _some(left),
+                 "" if done else " (writes still running)",
+                 extra={"confirmed": len(ok), "not_reached": len(left)})
 
     async def flush_limits(self, timeout_s: float) -> bool:
         """Wait until every limit writer is idle; False on timeout."""
@@ -1290,3 +1292,12 @@ class GatewayService:
 def _vocab(value: str, names: Sequence[str], fallback: str) -> str:
     return value if value in names else fallback
 
+
+
+def _some(ids: list[str], most: int = 50) -> str:
+    """A log line's list of column ids: all of a small site's, the first `most` of a large one."""
+    if not ids:
+        return "none"
+    if len(ids) <= most:
+        return str(ids)
+    return "%s and %d more" % (str(ids[:most])[:-1] + ", ...]", len(ids) - most)

@@ -149,3 +149,10 @@ async def _between_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage
     sent = {c.column_id: c.limit_a for c in writer.pending.values()}
     assert sum(sent.values()) <= 12.0, sent   # the command's limits are the last word for every column
     assert sum(_offers(svc).values()) <= 12.0
+
+
+def test_a_large_sites_hand_over_log_names_the_first_columns_and_counts_the_rest() -> None:
+    ids = ["c%04d" % i for i in range(7000)]
+    line = service_mod._some(ids)
+    assert line.startswith("['c0000', 'c0001', ") and line.endswith(", 'c0049', ...] and 6950 more")
+    assert service_mod._some(ids[:3]) == "['c0000', 'c0001', 'c0002']" and service_mod._some([]) == "none"

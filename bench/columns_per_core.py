@@ -12,7 +12,9 @@ the process (all threads, and each thread's share), poll lateness against the sc
 telemetry acknowledged by the broker, outbox backlog, poll cycles skipped, events dropped. A
 second window of the same length, with timers on (their cost is the gateway's CPU in it minus
 the first window's), says where the CPU went and how long the control step and each telemetry
-slice hold the event loop; RSS at the end and its high-water mark. A step
+slice hold the event loop; RSS at the end and its high-water mark. Last, a DNO site limit at
+half the current offer, handled as one from the broker is: how long until its ack and until
+every write it caused is answered, and how late the polls were meanwhile. A step
 passes when every column is online, CPU ≤ 70 %, lateness p99 ≤ 100 ms, ≥ 95 % of the polls
 and ≥ 90 % of the telemetry went through, the backlog did not grow and nothing was dropped.
 N doubles until the CPU criterion fails (at most MAX_COLUMNS: if that passes too, the figure
@@ -43,12 +45,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gw_scale import DRAIN_WAIT_S
+from bench.gw_scale import DRAIN_WAIT_S, SITE_LIMIT_WAIT_S
 from bench.raw_clients import paho_publish, pymodbus_polls, telemetry, wire_messages
 from bench.stats import median, percentile, spread
 from bench.suite import Context
 from gateway.collector import YOUNG_THRESHOLD
-from gateway.service import SLICE_MIN_COLUMNS, STEP_SLICE, TELEMETRY_SLICE
+from gateway.service import ACK_WAIT_S, SLICE_MIN_COLUMNS, STEP_SLICE, TELEMETRY_SLICE
 from hil.rig.broker import Broker, Listener
 from hil.rig.site_files import new_key, toml_text, write_secrets
 
@@ -141,7 +143,8 @@ def step(n: int, farm: Farm, broker_port: int, work: Path, *, window_s: float, s
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 60 + online_timeout_s + 2 * window_s + settle_s + DRAIN_WAIT_S
+            deadline = time.monotonic() + 60 + online_timeout_s + 2 * window_s + settle_s + DRAIN_WAIT_S \
+                + SITE_LIMIT_WAIT_S
             while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             after = farm.counters()
@@ -344,6 +347,9 @@ def _result(ctx: Context, steps: list[dict[str, Any]], base_runs: list[dict[str,
         "criteria": {"cpu_max_fraction": CPU_MAX, "lateness_p99_max_ms": LATE_P99_MAX_S * 1000,
                      "poll_period_s": 1.0, "telemetry_interval_s": 1.0, "qos": 1},
         "steps": steps,
+        # The top passing step's DNO site limit (gw_scale.site_limit_change).
+        "site_limit_change": next((dict(s["site_limit"], columns=s["columns"]) for s in reversed(steps)
+                                   if s["passed"] and s.get("site_limit")), None),
         "first_failing_columns": min((s["columns"] for s in steps if not s["passed"]), default=None),
         "farm_cpu_us_per_request": round(median([s["farm_cpu_us_per_request"] for s in steps
                                                  if s.get("farm_cpu_us_per_request")]), 1) if steps else None,
@@ -372,7 +378,8 @@ def _result(ctx: Context, steps: list[dict[str, Any]], base_runs: list[dict[str,
     }
     result["table"] = {
         "header": ["columns", "CPU %", "lateness p50 ms", "lateness p99 ms", "control step loop ms (p50)",
-                   "telemetry slice ms (max)", "polls/s", "telemetry/s", "RSS MB (peak)", "farm CPU %",
+                   "telemetry slice ms (max)", "polls/s", "telemetry/s", "RSS MB (peak)",
+                   "site limit: ack / all written ms", "farm CPU %",
                    "load avg", "result"],
         "rows": [[s["columns"], round(100 * s["cpu_fraction"], 1), s["lateness_ms"].get("p50"),
                   s["lateness_ms"].get("p99"), s["control_step_ms"].get("p50"),
@@ -380,6 +387,8 @@ def _result(ctx: Context, steps: list[dict[str, Any]], base_runs: list[dict[str,
                   round(s["polls"] / s["window_s"]),
                   round(s["telemetry_acked"] / s["window_s"]),
                   "%.1f (%.1f)" % (s["rss_kb"] / 1024, s.get("rss_peak_kb", 0) / 1024),
+                  "%s / %s" % (s["site_limit"]["ack_ms"], s["site_limit"]["all_written_ms"])
+                  if s.get("site_limit") else None,
                   round(100 * s["farm_cpu_fraction"], 1), s.get("load_1m"),
                   ("pass" if s["passed"] else "fail: " + "; ".join(s["failed_on"]))
                   + (" (2nd try; 1st: " + "; ".join(s["first_try_failed_on"]) + ")"
@@ -439,6 +448,14 @@ def _notes(r: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
     if r["memory_per_column_kb"] is not None:
         notes.append(f"Memory: {r['memory_per_column_kb']} KB of RSS per column (slope of the process's "
                      "high-water mark, the start included, over the same steps).")
+    sl = r.get("site_limit_change")
+    if sl:
+        notes.append(f"A DNO site limit at {sl['columns']} columns (half the current offered, "
+                     f"{sl['limit_a']} A, handled as one from the broker: signature, audit, a control step "
+                     f"at once, the writes): {sl['columns_changed']} columns' limits changed, acked after "
+                     f"{sl['ack_ms']} ms (the ack waits at most {ACK_WAIT_S:.0f} s for the writes), "
+                     f"every write answered after {sl['all_written_ms']} ms ({sl['columns_applied']} "
+                     f"applied), polls at most {sl['lateness_max_ms']} ms late meanwhile.")
     if r.get("farm_cpu_us_per_request"):
         notes.append(f"The simulated columns cost the farm process {r['farm_cpu_us_per_request']} µs per "
                      f"request (at most {max(s['farm_cpu_fraction'] for s in steps) * 100:.0f} % of a core, "

@@ -38,12 +38,15 @@ from typing import Any
 
 from gateway.collector import manage_collector
 from gateway.config import load_config
+from gateway.north import payloads, topics
+from gateway.north.auth import sign_command
 from gateway.north.mqtt_client import MqttConnection
-from gateway.north.publisher import Publisher
+from gateway.north.publisher import InboundMessage, Publisher
 from gateway.service import GatewayService, _Step
 from gateway.south.schedule import Due, PollSchedule
 
 DRAIN_WAIT_S = 30.0   # at most this long for the start's outbox backlog before the window
+SITE_LIMIT_WAIT_S = 30.0   # at most this long for the writes of the site limit after the windows
 LATE_S: list[float] = []
 TELEMETRY_S: list[float] = []   # one telemetry round, start to end (the loop is free between its slices)
 SLICE_S: list[float] = []       # one slice of a round: payloads built and queued, the loop held
@@ -316,6 +319,38 @@ async def _timed_window(service: GatewayService, window_s: float, n: int,
     }
 
 
+async def site_limit_change(service: GatewayService) -> dict[str, Any]:
+    """A DNO site limit at half of what the columns are offered now, handled as one from the
+    broker is (signature, audit, a control step, the writes): how long until its ack, and
+    until every write it caused has been answered, and how late polls were meanwhile."""
+    views = service.views
+    before = {cid: v.requested_a for cid, v in views.items()}
+    offered = sum(a or 0.0 for a in before.values())   # per phase: every column is 3-phase
+    dno = service.config.dno
+    keys = dno.load_keys()
+    key_id = keys.key_ids[0]
+    key = keys.get(key_id)
+    assert key is not None
+    topic = topics.cmd_site_limit(service.site_id)
+    limit_a = round(max(6.0, offered / 2), 1)
+    body = {"id": "bench-site-limit", "issued_ms": payloads.utc_ms(), "validity_s": 600, "limit_a": limit_a}
+    message = InboundMessage(topic, json.dumps(sign_command(body, topic, key_id, key)).encode(), 1, False)
+    LATE_S.clear()
+    t0 = time.monotonic()
+    decision = await service.handle_command(message)
+    acked = time.monotonic() - t0
+    written = await service.flush_limits(SITE_LIMIT_WAIT_S)
+    done = time.monotonic() - t0
+    changed = [cid for cid, v in views.items() if v.requested_a != before[cid]]
+    applied = sum(1 for cid in changed if views[cid].applied_a == views[cid].requested_a)
+    return {
+        "limit_a": limit_a, "offered_before_a": round(offered, 1), "accepted": decision.accepted,
+        "columns_changed": len(changed), "columns_applied": applied, "all_written": written,
+        "ack_ms": round(1000 * acked, 1), "all_written_ms": round(1000 * done, 1),
+        "lateness_max_ms": round(1000 * max(LATE_S, default=0.0), 1),
+    }
+
+
 async def main_async(args: argparse.Namespace) -> None:
     config = load_config(args.site)
     service = GatewayService(config)
@@ -326,6 +361,8 @@ async def main_async(args: argparse.Namespace) -> None:
     collector = asyncio.create_task(manage_collector(service.ready, service.all_columns_online))
     try:
         result = await measure(service, args.settle, args.window, args.online_timeout, profile)
+        if profile is None:
+            result["site_limit"] = await site_limit_change(service)
         # Written before the (slow, hand-over) stop: the caller may stop waiting once it is there.
         if profile is not None:
             profile.dump_stats(args.profile)

@@ -1293,7 +1293,6 @@ def _vocab(value: str, names: Sequence[str], fallback: str) -> str:
     return value if value in names else fallback
 
 
-
 def _some(ids: list[str], most: int = 50) -> str:
     """A log line's list of column ids: all of a small site's, the first `most` of a large one."""
     if not ids:

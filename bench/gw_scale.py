@@ -333,7 +333,7 @@ async def site_limit_change(service: GatewayService) -> dict[str, Any]:
     assert key is not None
     topic = topics.cmd_site_limit(service.site_id)
     limit_a = round(max(6.0, offered / 2), 1)
-    body = {"id": "bench-site-limit", "issued_ms": payloads.utc_ms(), "validity_s": 600, "limit_a": limit_a}
+    body = payloads.limit_command("bench-site-limit", limit_a, validity_s=600)
     message = InboundMessage(topic, json.dumps(sign_command(body, topic, key_id, key)).encode(), 1, False)
     LATE_S.clear()
     t0 = time.monotonic()

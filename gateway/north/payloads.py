@@ -505,6 +505,14 @@ class Command:
     config: Mapping[str, int] | None = None
 
 
+def limit_command(cmd_id: str, limit_a: float, *, validity_s: float,
+                  issued_ms: int | None = None) -> dict[str, Any]:
+    """The unsigned body of a site or column limit in amps (parse_command reads it back; sign it
+    with auth.sign_command for the command's topic)."""
+    return {"id": cmd_id, "issued_ms": utc_ms() if issued_ms is None else issued_ms,
+            "validity_s": validity_s, "limit_a": limit_a}
+
+
 def command_id_of(obj: Mapping[str, Any]) -> str | None:
     """The id to echo in an ack, if the sender gave a well-formed one."""
     value = obj.get("id")

@@ -101,9 +101,8 @@ class DnoClient:
         """(topic, signed body) of a site limit command; send it with `publish`."""
         self._n += 1
         topic = topics.cmd_site_limit(self.site_id)
-        body = {"id": cmd_id or f"cmd-{self._n}-{secrets.token_hex(3)}",
-                "issued_ms": issued_ms if issued_ms is not None else payloads.utc_ms(),
-                "validity_s": validity_s, "limit_a": limit_a}
+        body = payloads.limit_command(cmd_id or f"cmd-{self._n}-{secrets.token_hex(3)}", limit_a,
+                                      validity_s=validity_s, issued_ms=issued_ms)
         return topic, self.command(topic, body)
 
     def publish(self, topic: str, body: Mapping[str, Any] | bytes, *, reply_to: str | None = None,

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.north import payloads
+from gateway.north import payloads, topics
+from gateway.north.auth import sign_command
 from gateway.north.payloads import CommandKind, LimitContext, PayloadError, Reason
 
 TS = 1_767_225_600_000
@@ -358,3 +359,10 @@ def test_ack() -> None:
 def test_encode_refuses_nan() -> None:
     with pytest.raises(ValueError):
         payloads.encode({"x": math.nan})
+
+
+def test_a_built_limit_command_parses_back_to_what_it_was_built_with() -> None:
+    body = payloads.limit_command("cmd-1", 32.5, validity_s=600, issued_ms=TS)
+    signed = sign_command(body, topics.cmd_site_limit("s1"), "k1", b"\x01" * 32)
+    cmd = payloads.parse_command(signed, CommandKind.SITE_LIMIT, context=CAP)
+    assert (cmd.id, cmd.issued_ms, cmd.limit_a, cmd.valid_until_ms) == ("cmd-1", TS, 32.5, TS + 600_000)
